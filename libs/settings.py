@@ -1,0 +1,61 @@
+"""The one settings object of the platform (environment variables with the ``VGE_`` prefix)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of every service. Unset server URLs mean "start real servers locally"."""
+
+    model_config = SettingsConfigDict(env_prefix="VGE_", extra="ignore")
+
+    environment: Literal["dev", "test", "prod"] = "dev"
+    log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    nats_url: str | None = None
+    database_url: str | None = Field(
+        default=None, description="Admin URL: runs migrations and creates the service roles."
+    )
+    service_database_url: str | None = Field(
+        default=None,
+        description="The service's own login (a role that does not own its tables). "
+        "Derived from database_url and db_role_password when unset.",
+    )
+    db_role_password: str = "vge-dev-only"
+    redis_url: str | None = None
+
+    data_dir: Path = Path(".vge")
+    gateway_port: int = 8080
+    health_port: int = 0  # 0: pick a free port (logged at startup)
+
+    # Ed25519 keys of the signed command context, base64 (raw 32 bytes).
+    context_private_key: str | None = None  # gateway only
+    context_public_keys: str | None = None  # comma-separated: allows key rotation
+    context_ttl_seconds: float = 30.0
+
+    events_duplicate_window_seconds: float = 120.0
+    consumer_max_deliver: int = 5
+    consumer_backoff_seconds: str = "0.2,1,5,15"
+    outbox_batch_size: int = 500
+    redis_timeout_seconds: float = 0.05
+    command_timeout_seconds: float = 2.0
+
+    @property
+    def consumer_backoff(self) -> list[float]:
+        """Redelivery delays of a JetStream consumer, one per failed attempt."""
+        return [float(x) for x in self.consumer_backoff_seconds.split(",") if x.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()
