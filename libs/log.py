@@ -40,7 +40,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", service: str | Non
 
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:
     """A structlog logger; ``name`` ends up as the ``logger`` field."""
-    return structlog.get_logger(logger=name) if name else structlog.get_logger()
+    return structlog.get_logger(logger_name=name) if name else structlog.get_logger()
 
 
 @contextmanager

@@ -1,0 +1,70 @@
+"""The operator CLI, installed as ``vge`` (design §7)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from libs.log import configure_logging, get_logger
+from libs.settings import get_settings
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(help="VoelgoedEvents operator CLI.", no_args_is_help=True, add_completion=False)
+log = get_logger("vge")
+
+
+@app.command()
+def up(
+    data_dir: Annotated[Path | None, typer.Option(help="Where servers keep their data.")] = None,
+    ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 60.0,
+) -> None:
+    """Run the whole platform: servers (unless VGE_*_URL are set) and all four services."""
+    from libs.launcher import SERVICES, Stack
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format, service="vge")
+    stack = Stack(settings, data_dir or settings.data_dir)
+    stopping = threading.Event()
+
+    def _stop(*_: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        stack.start(ready_timeout=ready_timeout)
+        typer.echo(
+            "\nVoelgoedEvents is up.\n"
+            f"  API        http://127.0.0.1:{settings.gateway_port}  (docs: /docs)\n"
+            + "".join(f"  {name:<10} {stack.health_url(name)}\n" for name in SERVICES)
+            + f"  NATS       {stack.urls['nats_url']}\n"
+            f"  PostgreSQL {stack.urls['database_url']}\n"
+            f"  Redis      {stack.urls['redis_url']}\n"
+            "Ctrl-C stops everything.\n",
+            err=True,
+        )
+        while not stopping.wait(0.5):
+            failed = stack.failed_service()
+            if failed:
+                log.error("service_exited", service=failed)
+                raise typer.Exit(1)
+    except (RuntimeError, TimeoutError) as exc:
+        log.error("startup_failed", error=str(exc))
+        raise typer.Exit(1) from exc
+    finally:
+        stack.stop()
+
+
+def main() -> None:
+    """Entry point of the ``vge`` command."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The one database access layer: asyncpg pools, tenant-scoped transactions, service logins.
+
+Every tenant table has row-level security keyed on the transaction-local setting
+``vge.org_id`` (see ``libs/sql/vge_bootstrap.sql``). ``tenant_transaction`` is the only way a
+service touches tenant rows: it sets the tenant with ``set_config(..., true)`` (``SET LOCAL``),
+so the setting dies with the transaction and never leaks to the next user of a pooled
+connection.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+from urllib.parse import quote, urlsplit, urlunsplit
+from uuid import UUID
+
+import asyncpg
+
+from libs.actor import Actor
+from libs.errors import Forbidden, Unavailable
+
+__all__ = [
+    "create_pool",
+    "tenant_transaction",
+    "platform_read_transaction",
+    "service_role",
+    "service_dsn",
+    "check_identifier",
+    "mark_processed",
+    "CONNECTION_ERRORS",
+]
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,47}$")
+
+# What "the database is not answering" looks like to asyncpg; callers map it to Unavailable.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    TimeoutError,
+)
+
+
+def check_identifier(name: str) -> str:
+    """Schema and role names are interpolated into SQL: allow only plain lowercase names."""
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"not a safe SQL identifier: {name!r}")
+    return name
+
+
+def service_role(schema: str) -> str:
+    """The login role of a service (it does not own its tables)."""
+    return f"vge_{check_identifier(schema)}"
+
+
+def service_dsn(admin_dsn: str, schema: str, password: str) -> str:
+    """The service's own DSN: the admin DSN's host and database, the service role's login."""
+    parts = urlsplit(admin_dsn)
+    host = parts.hostname or "127.0.0.1"
+    netloc = f"{quote(service_role(schema))}:{quote(password)}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # JSON in and out as Python objects, everywhere, the same way.
+    for typ in ("json", "jsonb"):
+        await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(
+    dsn: str, *, schema: str, min_size: int = 1, max_size: int = 10, **kwargs: object
+) -> asyncpg.Pool:
+    """A pool whose connections see ``schema`` first, then the shared ``vge`` functions."""
+    check_identifier(schema)
+    server_settings = {"search_path": f"{schema},vge", "application_name": f"vge-{schema}"}
+    try:
+        return await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            server_settings=server_settings,
+            **kwargs,
+        )
+    except CONNECTION_ERRORS as exc:
+        raise Unavailable(f"database not reachable: {exc}") from exc
+
+
+@asynccontextmanager
+async def tenant_transaction(
+    pool: asyncpg.Pool, org_id: UUID | str, *, readonly: bool = False
+) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction in which row-level security shows and accepts only ``org_id``'s rows."""
+    async with pool.acquire() as conn:
+        async with conn.transaction(readonly=readonly):
+            await conn.execute("SELECT set_config('vge.org_id', $1, true)", str(org_id))
+            yield conn
+
+
+@asynccontextmanager
+async def platform_read_transaction(
+    pool: asyncpg.Pool, actor: Actor
+) -> AsyncIterator[asyncpg.Connection]:
+    """A read-only transaction across every tenant, for platform admins only.
+
+    The caller must audit the read (design §4: a cross-tenant read is itself recorded).
+    """
+    if not actor.is_platform_admin:
+        raise Forbidden("only a platform admin may read across tenants")
+    async with pool.acquire() as conn:
+        async with conn.transaction(readonly=True):
+            await conn.execute("SELECT set_config('vge.platform_read', 'on', true)")
+            yield conn
+
+
+async def mark_processed(conn: asyncpg.Connection, consumer: str, event_id: UUID) -> bool:
+    """Record that ``consumer`` applied ``event_id``; False if it already had.
+
+    Call it inside the transaction that applies the event (a tracking record), so the change
+    and the record commit together and a redelivered event is skipped.
+    """
+    row = await conn.fetchval(
+        "INSERT INTO processed_events (consumer, event_id) VALUES ($1, $2) "
+        "ON CONFLICT DO NOTHING RETURNING 1",
+        consumer,
+        event_id,
+    )
+    return row is not None

@@ -1,0 +1,239 @@
+"""JetStream setup and the one way to consume events (design §3).
+
+``ensure_streams`` declares the event stream and the dead-letter stream in one place (services
+bind to them, never redeclare: see shared/notes/faststream-nats.md). ``EventConsumer`` is a
+durable pull consumer with explicit ack, bounded redelivery with backoff, and dead-lettering
+with the reason. Idempotency is the handler's part: it records the event id in the same
+transaction as its change (``libs.db.mark_processed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, Sequence
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from prometheus_client import Counter
+from pydantic import ValidationError
+
+from libs.envelope import Envelope
+from libs.log import bound_correlation, get_logger
+from libs.subjects import (
+    DEAD_LETTER_STREAM,
+    DEAD_LETTER_SUBJECTS,
+    EVENTS_STREAM,
+    EVENTS_SUBJECTS,
+    dead_letter,
+)
+
+__all__ = [
+    "ensure_streams",
+    "EventConsumer",
+    "EventHandler",
+    "DLQ_REASON_HEADER",
+    "retry_delay",
+]
+
+log = get_logger(__name__)
+
+DLQ_REASON_HEADER = "Vge-Dead-Letter-Reason"
+DLQ_SUBJECT_HEADER = "Vge-Original-Subject"
+DLQ_CONSUMER_HEADER = "Vge-Consumer"
+DLQ_DELIVERIES_HEADER = "Vge-Deliveries"
+
+EventHandler = Callable[[Envelope], Awaitable[None]]
+
+CONSUMED = Counter("vge_events_consumed_total", "Events handled", ["consumer", "outcome"])
+
+
+async def ensure_streams(js: JetStreamContext, *, duplicate_window: float = 120.0) -> None:
+    """Create or update ``VGE_EVENTS`` and the dead-letter stream (file storage)."""
+    configs = [
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=[EVENTS_SUBJECTS],
+            storage=StorageType.FILE,
+            duplicate_window=duplicate_window,
+        ),
+        StreamConfig(
+            name=DEAD_LETTER_STREAM,
+            subjects=[DEAD_LETTER_SUBJECTS],
+            storage=StorageType.FILE,
+            duplicate_window=duplicate_window,
+        ),
+    ]
+    for cfg in configs:
+        try:
+            await js.add_stream(cfg)
+        except nats.js.errors.BadRequestError:
+            # exists with other settings: bring it to ours
+            await js.update_stream(cfg)
+
+
+def retry_delay(deliveries: int, backoff: Sequence[float]) -> float:
+    """Delay before the next try after the ``deliveries``-th failed one."""
+    if not backoff:
+        return 0.0
+    return backoff[min(deliveries, len(backoff)) - 1]
+
+
+class EventConsumer:
+    """A durable consumer of ``VGE_EVENTS``; replicas with the same ``durable`` share the work.
+
+    Each message is tried up to ``max_deliver`` times (``nak`` with the backoff delay between
+    tries); then, or at once if it is not a valid envelope, it is published to
+    ``vge.dlq.<durable>`` with the reason and terminated, so one poison event never blocks the
+    stream. The server never gives up by itself (``max_deliver=-1``): giving up is ours, so no
+    message is lost without a dead letter, also when a handler crashed the process.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        durable: str,
+        handler: EventHandler,
+        filter_subject: str = EVENTS_SUBJECTS,
+        max_deliver: int = 5,
+        backoff: Sequence[float] = (0.2, 1.0, 5.0, 15.0),
+        ack_wait: float = 30.0,
+        batch: int = 100,
+        concurrency: int = 1,
+    ) -> None:
+        self._js = js
+        self.durable = durable
+        self._handler = handler
+        self._filter = filter_subject
+        self._max_deliver = max_deliver
+        self._backoff = list(backoff)
+        self._ack_wait = ack_wait
+        self._batch = batch
+        self._concurrency = concurrency
+        self._task: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    async def start(self) -> None:
+        """Bind (creating the durable if needed) and start pulling in the background."""
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            max_deliver=-1,
+            ack_wait=self._ack_wait,
+            max_ack_pending=max(1000, self._batch * 4),
+            filter_subject=self._filter,
+        )
+        self._sub = await self._js.pull_subscribe(
+            self._filter, durable=self.durable, stream=EVENTS_STREAM, config=config
+        )
+        self._task = asyncio.create_task(self._run(), name=f"consumer-{self.durable}")
+
+    async def stop(self) -> None:
+        """Stop pulling; messages in flight finish, unacked ones are redelivered later."""
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - connection may be closing
+                pass
+            self._sub = None
+
+    async def _run(self) -> None:
+        assert self._sub is not None
+        sem = asyncio.Semaphore(self._concurrency)
+        while True:
+            try:
+                msgs = await self._sub.fetch(self._batch, timeout=1.0)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - NATS down or reconnecting: wait, go on
+                log.warning("consumer_fetch_failed", consumer=self.durable, error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            if self._concurrency == 1:
+                for msg in msgs:
+                    await self.handle(msg)
+            else:
+
+                async def one(m: Msg) -> None:
+                    async with sem:
+                        await self.handle(m)
+
+                await asyncio.gather(*(one(m) for m in msgs))
+
+    async def handle(self, msg: Msg) -> None:
+        """Handle one delivery: ack, nak with backoff, or dead-letter. Never raises."""
+        deliveries = msg.metadata.num_delivered
+        try:
+            envelope = Envelope.from_bytes(msg.data)
+        except (ValidationError, ValueError) as exc:
+            await self._dead_letter(msg, f"malformed envelope: {_short(exc)}", deliveries)
+            return
+        with bound_correlation(
+            envelope.correlation_id, event_id=str(envelope.event_id), event_type=envelope.type
+        ):
+            if deliveries > self._max_deliver:
+                # earlier tries never came back (crash, ack timeout): stop trying
+                await self._dead_letter(msg, "gave up: no outcome after max deliveries", deliveries)
+                return
+            try:
+                await self._handler(envelope)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a handler failure must not kill the loop
+                if deliveries >= self._max_deliver:
+                    log.error("event_dead_lettered", consumer=self.durable, error=repr(exc))
+                    await self._dead_letter(msg, f"handler failed: {_short(exc)}", deliveries)
+                else:
+                    delay = retry_delay(deliveries, self._backoff)
+                    log.warning(
+                        "event_retry", consumer=self.durable, error=repr(exc),
+                        deliveries=deliveries, delay=delay,
+                    )
+                    CONSUMED.labels(self.durable, "retried").inc()
+                    await _quietly(msg.nak(delay=delay))
+                return
+            await _quietly(msg.ack())
+            CONSUMED.labels(self.durable, "ok").inc()
+
+    async def _dead_letter(self, msg: Msg, reason: str, deliveries: int) -> None:
+        headers = {
+            DLQ_REASON_HEADER: reason[:1000],
+            DLQ_SUBJECT_HEADER: msg.subject,
+            DLQ_CONSUMER_HEADER: self.durable,
+            DLQ_DELIVERIES_HEADER: str(deliveries),
+            # one dead letter per stream message, even if we crash and do this twice
+            "Nats-Msg-Id": f"dlq:{self.durable}:{msg.metadata.sequence.stream}",
+        }
+        try:
+            await self._js.publish(dead_letter(self.durable), msg.data, headers=headers)
+        except Exception as exc:  # noqa: BLE001 - cannot park it: leave it for redelivery
+            log.error("dead_letter_failed", consumer=self.durable, error=repr(exc))
+            await _quietly(msg.nak(delay=retry_delay(len(self._backoff), self._backoff)))
+            return
+        CONSUMED.labels(self.durable, "dead_lettered").inc()
+        log.error("event_dead_lettered", consumer=self.durable, reason=reason)
+        await _quietly(msg.term())
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+async def _quietly(aw: Awaitable[None]) -> None:
+    # An ack lost to a dropped connection only means a redelivery; the handler is idempotent.
+    try:
+        await aw
+    except Exception as exc:  # noqa: BLE001
+        log.warning("ack_failed", error=repr(exc))

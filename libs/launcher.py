@@ -1,0 +1,162 @@
+"""``vge up``: the whole platform on one machine.
+
+Starts NATS, PostgreSQL and Redis (or uses the configured ``VGE_*_URL`` servers), then the four
+services as child processes, waits until each answers its health check, and on Ctrl-C or
+SIGTERM stops the services (SIGTERM, then SIGKILL after a grace period) and then the servers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from libs.context import generate_key_pair
+from libs.log import get_logger
+from libs.servers import free_port, resolve_server_urls
+from libs.settings import Settings
+
+__all__ = ["Stack", "SERVICES", "STACK_FILE"]
+
+log = get_logger(__name__)
+
+SERVICES = ("scanning", "payments", "audit", "gateway")
+STACK_FILE = "stack.json"
+
+
+def _die_with_parent() -> None:
+    # Linux: SIGTERM the service if the launcher itself is killed, so nothing is orphaned.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the launcher's own stop() still applies
+        pass
+
+
+@dataclass
+class Stack:
+    """The running platform: servers, keys and service processes."""
+
+    settings: Settings
+    data_dir: Path
+    urls: dict[str, str] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _servers: Any = None
+    _keys: tuple[str, str] | None = None
+
+    def start(self, *, ready_timeout: float = 60.0) -> None:
+        """Servers first, then the services; returns when every service is healthy."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.urls, self._servers = resolve_server_urls(
+            self.settings, self.data_dir / "servers", allow_docker=False
+        )
+        log.info("servers_ready", **self.urls)
+        self._keys = self._context_keys()
+        env = self._child_env()
+        for name in SERVICES:
+            port = self.settings.gateway_port if name == "gateway" else free_port()
+            self.ports[name] = port
+            child_env = {**env, "VGE_HEALTH_PORT": str(port)}
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", f"services.{name}"],
+                env=child_env,
+                # own session: Ctrl-C reaches only the launcher, which stops things in order
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        self._wait_healthy(ready_timeout)
+        self._write_stack_file()
+
+    def _context_keys(self) -> tuple[str, str]:
+        s = self.settings
+        if s.context_private_key and s.context_public_keys:
+            return s.context_private_key, s.context_public_keys
+        # local runs: one dev key pair, kept in the data folder so restarts agree
+        key_file = self.data_dir / "dev-context-key.json"
+        if key_file.exists():
+            keys = json.loads(key_file.read_text())
+            return keys["private"], keys["public"]
+        private, public = generate_key_pair()
+        key_file.write_text(json.dumps({"private": private, "public": public}))
+        key_file.chmod(0o600)
+        return private, public
+
+    def _child_env(self) -> dict[str, str]:
+        assert self._keys is not None
+        env = dict(os.environ)
+        env.update(
+            VGE_NATS_URL=self.urls["nats_url"],
+            VGE_DATABASE_URL=self.urls["database_url"],
+            VGE_REDIS_URL=self.urls["redis_url"],
+            VGE_CONTEXT_PRIVATE_KEY=self._keys[0],
+            VGE_CONTEXT_PUBLIC_KEYS=self._keys[1],
+            VGE_GATEWAY_PORT=str(self.settings.gateway_port),
+        )
+        return env
+
+    def health_url(self, name: str) -> str:
+        """Where a service answers ``/healthz``."""
+        return f"http://127.0.0.1:{self.ports[name]}/healthz"
+
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(SERVICES)
+        while pending:
+            for name in sorted(pending):
+                proc = self.processes[name]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode} while starting")
+                try:
+                    if httpx.get(self.health_url(name), timeout=0.5).status_code == 200:
+                        pending.discard(name)
+                        log.info("service_healthy", service=name, health=self.health_url(name))
+                except httpx.HTTPError:
+                    pass
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"not healthy after {timeout:.0f}s: {', '.join(sorted(pending))}")
+            if pending:
+                time.sleep(0.2)
+
+    def _write_stack_file(self) -> None:
+        stack = {
+            **self.urls,
+            "gateway_url": f"http://127.0.0.1:{self.settings.gateway_port}",
+            "health": {name: self.health_url(name) for name in SERVICES},
+            "pids": {name: p.pid for name, p in self.processes.items()},
+        }
+        (self.data_dir / STACK_FILE).write_text(json.dumps(stack, indent=2))
+
+    def failed_service(self) -> str | None:
+        """The first service that exited on its own, if any."""
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                return name
+        return None
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every service, SIGKILL the ones still running after ``grace``; then servers."""
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for name, proc in self.processes.items():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("service_killed", service=name)
+                proc.kill()
+                proc.wait()
+        (self.data_dir / STACK_FILE).unlink(missing_ok=True)
+        if self._servers is not None:
+            self._servers.stop()
+        log.info("stack_stopped")

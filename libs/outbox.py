@@ -1,0 +1,196 @@
+"""The transactional outbox (design §4.3) and its relay to JetStream.
+
+A service writes its state change and the event row in one transaction (``add_events``). The
+relay publishes unpublished rows to JetStream with ``Nats-Msg-Id`` = event id and marks them
+published. A crash between publish and mark republishes the row, and JetStream's duplicate
+window drops the copy; NATS being down only delays publication, the rows wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterable
+
+import asyncpg
+from nats.js import JetStreamContext
+from prometheus_client import Counter, Gauge
+
+from libs.db import CONNECTION_ERRORS, check_identifier
+from libs.envelope import Envelope
+from libs.log import get_logger
+from libs.subjects import event as event_subject
+
+__all__ = ["add_events", "OutboxRelay"]
+
+log = get_logger(__name__)
+
+OUTBOX_PUBLISHED = Counter(
+    "vge_outbox_published_total", "Events the outbox relay published", ["service"]
+)
+OUTBOX_PENDING = Gauge(
+    "vge_outbox_pending", "Unpublished outbox rows seen at the last relay pass", ["service"]
+)
+OUTBOX_FAILURES = Counter(
+    "vge_outbox_publish_failures_total", "Relay passes that failed (NATS or DB down)", ["service"]
+)
+
+
+async def add_events(conn: asyncpg.Connection, service: str, events: Iterable[Envelope]) -> None:
+    """Queue events in the caller's transaction; they are published after it commits."""
+    rows = [
+        (e.event_id, e.org_id, event_subject(e.org_id, service, e.type), e.to_bytes())
+        for e in events
+    ]
+    if not rows:
+        return
+    ids, orgs, subjects, payloads = zip(*rows)
+    await conn.execute(
+        "INSERT INTO outbox (event_id, organization_id, subject, payload) "
+        "SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bytea[])",
+        list(ids),
+        list(orgs),
+        list(subjects),
+        list(payloads),
+    )
+
+
+class OutboxRelay:
+    """Publishes one schema's outbox to JetStream; several replicas share it (SKIP LOCKED)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        schema: str,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        publish_timeout: float = 2.0,
+        retention_hours: float = 24.0,
+    ) -> None:
+        self._pool = pool
+        self._js = js
+        self._schema = check_identifier(schema)
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._publish_timeout = publish_timeout
+        self._retention_hours = retention_hours
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._listen_conn: asyncpg.Connection | None = None
+
+    async def publish_pending(self) -> int:
+        """Publish one batch of unpublished rows; returns how many were published."""
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                rows = await conn.fetch(
+                    "SELECT id, event_id, subject, payload FROM outbox "
+                    "WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                    self._batch_size,
+                )
+                if not rows:
+                    OUTBOX_PENDING.labels(self._schema).set(0)
+                    return 0
+                OUTBOX_PENDING.labels(self._schema).set(len(rows))
+                # Publish the batch concurrently; if any fails the transaction rolls back and
+                # the whole batch is retried; JetStream drops the ones it already has.
+                await asyncio.gather(
+                    *(
+                        self._js.publish(
+                            r["subject"],
+                            r["payload"],
+                            timeout=self._publish_timeout,
+                            headers={"Nats-Msg-Id": str(r["event_id"])},
+                        )
+                        for r in rows
+                    )
+                )
+                await conn.execute(
+                    "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
+                    [r["id"] for r in rows],
+                )
+        OUTBOX_PUBLISHED.labels(self._schema).inc(len(rows))
+        return len(rows)
+
+    async def purge_published(self) -> int:
+        """Delete rows published longer ago than the retention; returns how many."""
+        async with self._pool.acquire() as conn:
+            status = await conn.execute(
+                "DELETE FROM outbox WHERE published_at < now() - make_interval(hours => $1)",
+                self._retention_hours,
+            )
+        return int(status.split()[-1])
+
+    def start(self) -> None:
+        """Run the relay in the background until ``stop``."""
+        self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self._schema}")
+
+    async def stop(self) -> None:
+        """Stop after the current batch."""
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        await self._unlisten()
+
+    def wake(self) -> None:
+        """Publish now (called by the NOTIFY listener, or by code that just committed)."""
+        self._wakeup.set()
+
+    async def _listen(self) -> None:
+        if self._listen_conn is not None and not self._listen_conn.is_closed():
+            return
+        conn = await self._pool.acquire()
+        await conn.add_listener(self._channel, self._on_notify)
+        self._listen_conn = conn
+
+    @property
+    def _channel(self) -> str:
+        return f"vge_outbox_{self._schema}"
+
+    def _on_notify(self, *_: object) -> None:
+        self._wakeup.set()
+
+    async def _unlisten(self) -> None:
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is not None:
+            try:
+                await conn.remove_listener(self._channel, self._on_notify)
+            except Exception:  # noqa: BLE001 - the connection may already be gone
+                pass
+            try:
+                await self._pool.release(conn)
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        last_purge = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await self._listen()
+                published = await self.publish_pending()
+                backoff = 0.1
+                if published == self._batch_size:
+                    continue  # more waiting: no sleep
+                if loop.time() - last_purge > 600:
+                    last_purge = loop.time()
+                    await self.purge_published()
+                self._wakeup.clear()
+                try:
+                    # the poll interval covers a lost NOTIFY (e.g. listener reconnecting)
+                    await asyncio.wait_for(self._wakeup.wait(), self._poll_interval)
+                except TimeoutError:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except (*CONNECTION_ERRORS, Exception) as exc:  # noqa: BLE001 - keep relaying
+                OUTBOX_FAILURES.labels(self._schema).inc()
+                log.warning("outbox_relay_retry", schema=self._schema, error=repr(exc), wait=backoff)
+                await self._unlisten()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)

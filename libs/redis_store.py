@@ -1,0 +1,114 @@
+"""The one place that talks to Redis: dedup claims, counters with a window, small values.
+
+Redis is a fast path, never the authority (shared/notes: a failover can lose a claim). Every
+call has a short timeout and turns "Redis is not answering" into ``RedisUnavailable``, so
+callers fall back to PostgreSQL instead of stalling.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from libs.errors import Unavailable
+
+__all__ = ["RedisStore", "RedisUnavailable"]
+
+_DOWN = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+
+
+class RedisUnavailable(Unavailable):
+    """Redis did not answer in time."""
+
+
+class RedisStore:
+    """Async Redis access with the operations the platform needs and nothing else."""
+
+    def __init__(self, url: str, *, timeout: float = 0.05) -> None:
+        self._client = aioredis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=True,
+            health_check_interval=0,
+            retry_on_timeout=False,
+        )
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+    async def ping(self) -> bool:
+        """True when Redis answers."""
+        try:
+            return bool(await self._client.ping())
+        except _DOWN:
+            return False
+
+    async def claim(self, key: str, value: str, ttl_seconds: int) -> str | None:
+        """Atomically claim ``key`` (``SET NX EX``). None if we got it, else the holder's value."""
+        try:
+            if await self._client.set(key, value, nx=True, ex=ttl_seconds):
+                return None
+            holder = await self._client.get(key)
+        except _DOWN as exc:
+            raise RedisUnavailable(f"redis: {exc}") from exc
+        # expired between SET and GET: nobody holds it now; report it as free
+        return holder
+
+    async def claim_many(
+        self, items: Sequence[tuple[str, str]], ttl_seconds: int
+    ) -> list[str | None]:
+        """``claim`` for many keys in one round trip; one result per item, in order."""
+        if not items:
+            return []
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, value in items:
+                    pipe.set(key, value, nx=True, ex=ttl_seconds)
+                    pipe.get(key)
+                replies = await pipe.execute()
+        except _DOWN as exc:
+            raise RedisUnavailable(f"redis: {exc}") from exc
+        out: list[str | None] = []
+        for i in range(len(items)):
+            won, holder = replies[2 * i], replies[2 * i + 1]
+            out.append(None if won else holder)
+        return out
+
+    async def get(self, key: str) -> str | None:
+        """The value at ``key``, or None."""
+        try:
+            return await self._client.get(key)
+        except _DOWN as exc:
+            raise RedisUnavailable(f"redis: {exc}") from exc
+
+    async def set(self, key: str, value: str, ttl_seconds: int | None = None) -> None:
+        """Set ``key`` (optionally expiring)."""
+        try:
+            await self._client.set(key, value, ex=ttl_seconds)
+        except _DOWN as exc:
+            raise RedisUnavailable(f"redis: {exc}") from exc
+
+    async def delete(self, *keys: str) -> int:
+        """Delete keys; returns how many existed."""
+        try:
+            return int(await self._client.delete(*keys))
+        except _DOWN as exc:
+            raise RedisUnavailable(f"redis: {exc}") from exc
+
+    async def hit(self, key: str, window_seconds: int) -> int:
+        """Count one hit in a fixed window (rate limits); returns the count so far."""
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                # SET NX EX then INCR: the window starts with the first hit (Redis 6.2 has
+                # no EXPIRE NX)
+                pipe.set(key, 0, ex=window_seconds, nx=True)
+                pipe.incr(key)
+                _, count = await pipe.execute()
+        except _DOWN as exc:
+            raise RedisUnavailable(f"redis: {exc}") from exc
+        return int(count)

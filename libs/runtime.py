@@ -1,0 +1,256 @@
+"""What every service process does the same way: connect, migrate, serve health and metrics,
+run its commands, consumers and outbox relay, and stop cleanly on SIGTERM.
+
+A service's ``bootstrap`` builds a ``ServiceRuntime``, registers its commands on
+``runtime.router`` and consumers with ``runtime.add_consumer``, and calls ``run_until_stopped``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import asyncpg
+import nats
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from libs.context import ContextVerifier, load_public_keys
+from libs.db import create_pool, service_dsn
+from libs.jetstream import EventConsumer, EventHandler, ensure_streams
+from libs.log import configure_logging, get_logger
+from libs.migrations import migrate
+from libs.outbox import OutboxRelay
+from libs.redis_store import RedisStore
+from libs.settings import Settings
+from libs.commands import CommandRouter
+
+__all__ = ["ServiceRuntime", "MissingConfiguration"]
+
+
+class MissingConfiguration(RuntimeError):
+    """A service was started without the server URLs or keys it needs."""
+
+
+class ServiceRuntime:
+    """The connections and background work of one service process."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        *,
+        migrations_dir: Path | None,
+        http_app: FastAPI | None = None,
+        http_port: int | None = None,
+        uses_redis: bool = True,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.migrations_dir = migrations_dir
+        self.uses_redis = uses_redis
+        self.log = get_logger(f"services.{name}")
+        missing = [
+            var
+            for var, value in (
+                ("VGE_NATS_URL", settings.nats_url),
+                ("VGE_DATABASE_URL", settings.database_url),
+                ("VGE_REDIS_URL", settings.redis_url if uses_redis else "-"),
+                ("VGE_CONTEXT_PUBLIC_KEYS", settings.context_public_keys),
+            )
+            if not value
+        ]
+        if missing:
+            raise MissingConfiguration(
+                f"{name} needs {', '.join(missing)} (or run everything with `vge up`)"
+            )
+        self.verifier = ContextVerifier(load_public_keys(settings.context_public_keys or ""))
+        self.router = CommandRouter(name, self.verifier)
+        self.http = http_app or FastAPI(title=f"vge-{name}", docs_url=None, redoc_url=None)
+        self.http_port = http_port if http_port is not None else settings.health_port
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.redis: RedisStore | None = None
+        self.relay: OutboxRelay | None = None
+        self._consumer_specs: list[dict[str, Any]] = []
+        self._consumers: list[EventConsumer] = []
+        self._on_start: list[Callable[[], Awaitable[None]]] = []
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._http_server: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._started_at = time.time()
+        self._install_health_routes()
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def add_consumer(self, durable: str, handler: EventHandler, **options: Any) -> None:
+        """Consume ``VGE_EVENTS`` with a durable consumer once the runtime has started."""
+        self._consumer_specs.append({"durable": durable, "handler": handler, **options})
+
+    def on_start(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn`` after the connections are up and before commands are served."""
+        self._on_start.append(fn)
+
+    def on_stop(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn`` during shutdown, before the connections close."""
+        self._on_stop.append(fn)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Migrate, connect, start background work, then serve commands and health."""
+        s = self.settings
+        assert s.database_url and s.nats_url
+        applied = await migrate(
+            s.database_url, self.name, self.migrations_dir, role_password=s.db_role_password
+        )
+        dsn = s.service_database_url or service_dsn(s.database_url, self.name, s.db_role_password)
+        self.pool = await create_pool(dsn, schema=self.name, min_size=2, max_size=20)
+        self.nc = await nats.connect(
+            s.nats_url,
+            name=f"vge-{self.name}",
+            max_reconnect_attempts=-1,  # a service outlives a NATS restart
+            reconnect_time_wait=0.5,
+            error_cb=self._nats_error,
+            disconnected_cb=self._nats_disconnected,
+            reconnected_cb=self._nats_reconnected,
+        )
+        self.js = self.nc.jetstream()
+        await ensure_streams(self.js, duplicate_window=s.events_duplicate_window_seconds)
+        if self.uses_redis and s.redis_url:
+            self.redis = RedisStore(s.redis_url, timeout=s.redis_timeout_seconds)
+        self.relay = OutboxRelay(self.pool, self.js, self.name, batch_size=s.outbox_batch_size)
+        self.relay.start()
+        for fn in self._on_start:
+            await fn()
+        for spec in self._consumer_specs:
+            spec.setdefault("max_deliver", s.consumer_max_deliver)
+            spec.setdefault("backoff", s.consumer_backoff)
+            consumer = EventConsumer(self.js, **spec)
+            await consumer.start()
+            self._consumers.append(consumer)
+        await self.router.start(self.nc)
+        await self._start_http()
+        self.log.info(
+            "service_started",
+            migrations_applied=applied,
+            commands=[r.subject for r in self.router.routes],
+            consumers=[c.durable for c in self._consumers],
+            http_port=self.http_port,
+        )
+
+    async def stop(self) -> None:
+        """Stop in reverse order: no new commands, drain consumers, flush outbox, close."""
+        self.log.info("service_stopping")
+        await self.router.stop()
+        for consumer in self._consumers:
+            await consumer.stop()
+        for fn in reversed(self._on_stop):
+            try:
+                await fn()
+            except Exception as exc:  # noqa: BLE001 - keep shutting down
+                self.log.warning("stop_hook_failed", error=repr(exc))
+        if self.relay:
+            await self.relay.stop()
+        if self._http_server:
+            self._http_server.should_exit = True
+            if self._http_task:
+                await asyncio.wait([self._http_task], timeout=5.0)
+        if self.nc and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5.0)
+            except Exception:  # noqa: BLE001
+                await self.nc.close()
+        if self.redis:
+            await self.redis.close()
+        if self.pool:
+            await asyncio.wait_for(self.pool.close(), 10.0)
+        self.log.info("service_stopped")
+
+    async def run_until_stopped(self) -> None:
+        """Start, wait for SIGTERM or SIGINT, stop."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()
+
+    # -- health ----------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """Liveness of each dependency; ``status`` is ``ok`` only if all needed ones answer."""
+        checks: dict[str, bool] = {"nats": bool(self.nc and self.nc.is_connected)}
+        try:
+            assert self.pool is not None
+            async with self.pool.acquire(timeout=1.0) as conn:
+                checks["postgres"] = await conn.fetchval("SELECT 1") == 1
+        except Exception:  # noqa: BLE001
+            checks["postgres"] = False
+        if self.redis is not None:
+            # Redis is a fast path: without it the service is degraded, not down
+            checks["redis"] = await self.redis.ping()
+        ok = checks["nats"] and checks["postgres"]
+        return {
+            "service": self.name,
+            "status": "ok" if ok else "unavailable",
+            "checks": checks,
+            "uptime_seconds": round(time.time() - self._started_at, 1),
+        }
+
+    def _install_health_routes(self) -> None:
+        async def healthz() -> JSONResponse:
+            body = await self.health()
+            return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+        async def metrics() -> Response:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+        self.http.add_api_route("/healthz", healthz, methods=["GET"], include_in_schema=False)
+        self.http.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+
+    async def _start_http(self) -> None:
+        config = uvicorn.Config(
+            self.http,
+            host="127.0.0.1",
+            port=self.http_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+        )
+        self._http_server = uvicorn.Server(config)
+        # the runtime owns SIGTERM/SIGINT; uvicorn must not take them over
+        self._http_server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+        self._http_task = asyncio.create_task(self._http_server.serve())
+        while not self._http_server.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises the bind error
+            await asyncio.sleep(0.02)
+        sockets = self._http_server.servers[0].sockets
+        self.http_port = sockets[0].getsockname()[1]
+
+    # -- NATS callbacks ----------------------------------------------------------------------
+
+    async def _nats_error(self, exc: Exception) -> None:
+        self.log.warning("nats_error", error=repr(exc))
+
+    async def _nats_disconnected(self) -> None:
+        self.log.warning("nats_disconnected")
+
+    async def _nats_reconnected(self) -> None:
+        self.log.info("nats_reconnected")
+
+
+def configure_service_logging(name: str, settings: Settings) -> None:
+    """Logging for a service process (kept here so every ``__main__`` is two lines)."""
+    configure_logging(settings.log_level, settings.log_format, service=name)

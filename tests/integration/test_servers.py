@@ -1,0 +1,104 @@
+"""libs.servers: the local NATS, PostgreSQL and Redis really answer, survive a NATS restart and
+leave no process behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import asyncpg
+import nats
+import pytest
+import redis.asyncio as aioredis
+
+from libs.servers import LocalServers
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory):
+    with LocalServers(tmp_path_factory.mktemp("servers"), fsync=False) as local:
+        yield local
+
+
+def _group(pgid: int) -> set[int]:
+    """Live (non-zombie) pids of a process group: a server and every child it forked."""
+    pids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.add(int(entry))
+    return pids
+
+
+async def test_each_server_answers(servers: LocalServers) -> None:
+    nc = await nats.connect(servers.nats_url, allow_reconnect=False, connect_timeout=2)
+    try:
+        info = await nc.jetstream().account_info()
+        assert info.limits is not None
+    finally:
+        await nc.close()
+
+    conn = await asyncpg.connect(servers.database_url, timeout=5)
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+        assert await conn.fetchval("SHOW max_connections") == "300"
+    finally:
+        await conn.close()
+
+    client = aioredis.from_url(servers.redis_url)
+    try:
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+async def test_nats_restart_keeps_url_and_jetstream_data(servers: LocalServers) -> None:
+    url_before, pid_before = servers.nats_url, servers.nats.pid
+    nc = await nats.connect(url_before, allow_reconnect=False, connect_timeout=2)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="RESTART_PROBE", subjects=["restart.probe"])
+        await js.publish("restart.probe", b"kept")
+    finally:
+        await nc.close()
+
+    servers.nats.stop()
+    assert servers.nats.pid is None
+    with pytest.raises(Exception):  # the outage is real: nobody listens any more
+        await nats.connect(url_before, allow_reconnect=False, connect_timeout=1, max_reconnect_attempts=0)
+    servers.nats.start()
+
+    assert servers.nats_url == url_before
+    assert servers.nats.pid not in (None, pid_before)
+    nc = await nats.connect(servers.nats_url, allow_reconnect=False, connect_timeout=2)
+    try:
+        js = nc.jetstream()
+        stream = await js.stream_info("RESTART_PROBE")
+        assert stream.state.messages == 1
+        msg = await js.get_msg("RESTART_PROBE", seq=1)
+        assert msg.data == b"kept"
+    finally:
+        await nc.close()
+
+
+def test_stop_leaves_no_process(servers: LocalServers) -> None:
+    # Runs last in this module: it stops the shared servers (the fixture's stop is idempotent).
+    leaders = {s.name: s.pid for s in servers.servers}
+    assert all(leaders.values()), leaders
+    spawned = set().union(*(_group(pid) for pid in leaders.values()))
+    assert set(leaders.values()) <= spawned
+    assert len(spawned) > 3  # PostgreSQL forks its checkpointer, WAL writer, ...
+
+    servers.stop()
+
+    assert all(s.pid is None and not s.running for s in servers.servers)
+    left = {pid for pid in spawned if Path(f"/proc/{pid}").exists()}
+    assert not left, f"processes left behind: {left}"
+    assert not any(_group(pid) for pid in leaders.values())
