@@ -19,6 +19,11 @@ app = typer.Typer(help="VoelgoedEvents operator CLI.", no_args_is_help=True, add
 log = get_logger("vge")
 
 
+@app.callback()
+def _root() -> None:
+    """VoelgoedEvents operator CLI."""
+
+
 @app.command()
 def up(
     data_dir: Annotated[Path | None, typer.Option(help="Where servers keep their data.")] = None,

@@ -133,6 +133,9 @@ class Stack:
             "gateway_url": f"http://127.0.0.1:{self.settings.gateway_port}",
             "health": {name: self.health_url(name) for name in SERVICES},
             "pids": {name: p.pid for name, p in self.processes.items()},
+            "server_pids": [
+                srv.pid for srv in getattr(self._servers, "servers", []) if srv.pid is not None
+            ],
         }
         (self.data_dir / STACK_FILE).write_text(json.dumps(stack, indent=2))
 

@@ -222,7 +222,7 @@ class ServiceRuntime:
     async def _start_http(self) -> None:
         config = uvicorn.Config(
             self.http,
-            host="127.0.0.1",
+            host=self.settings.http_host,
             port=self.http_port,
             log_config=None,
             access_log=False,

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     redis_url: str | None = None
 
     data_dir: Path = Path(".vge")
+    http_host: str = "127.0.0.1"  # 0.0.0.0 in containers
     gateway_port: int = 8080
     health_port: int = 0  # 0: pick a free port (logged at startup)
 

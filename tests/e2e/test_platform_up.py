@@ -1,0 +1,101 @@
+"""`vge up` (the README's run command) brings up the servers and four healthy services, and
+Ctrl-C stops every process it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from libs.servers import free_port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_vge_up_starts_everything_and_stops_cleanly(tmp_path: Path):
+    data_dir = tmp_path / "stack"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VGE_")}
+    env.update(VGE_GATEWAY_PORT=str(free_port()), VGE_LOG_FORMAT="json")
+    vge = Path(sys.executable).parent / "vge"
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [str(vge), "up", "--data-dir", str(data_dir)], env=env,
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "vge.log", "wb"),
+    )
+    stack_file = data_dir / "stack.json"
+    try:
+        while not stack_file.exists():
+            assert proc.poll() is None, (tmp_path / "vge.log").read_text()[-3000:]
+            assert time.monotonic() - started < 60, "platform not up within 60 s"
+            time.sleep(0.2)
+        stack = json.loads(stack_file.read_text())
+        for name, url in stack["health"].items():
+            body = httpx.get(url, timeout=2).json()
+            assert body == {**body, "service": name, "status": "ok"}
+            assert body["checks"] == {"nats": True, "postgres": True, "redis": True}
+        metrics = httpx.get(stack["gateway_url"] + "/metrics", timeout=2)
+        assert metrics.status_code == 200 and "python_info" in metrics.text
+        pids = list(stack["pids"].values()) + stack["server_pids"]
+        assert len(stack["server_pids"]) == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=45) == 0, (tmp_path / "vge.log").read_text()[-3000:]
+    log = (tmp_path / "vge.log").read_text()
+    for name in ("scanning", "payments", "audit", "gateway"):
+        assert f'"service": "{name}"' in log and "service_stopped" in log
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [p for p in pids if _alive(p)] == []
+    assert not stack_file.exists()
+
+
+def test_a_service_stops_cleanly_on_sigterm(tmp_path: Path, server_urls, context_keys):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VGE_")}
+    port = free_port()
+    env.update(
+        VGE_NATS_URL=server_urls["nats_url"], VGE_DATABASE_URL=server_urls["database_url"],
+        VGE_REDIS_URL=server_urls["redis_url"], VGE_CONTEXT_PUBLIC_KEYS=context_keys[1],
+        VGE_HEALTH_PORT=str(port), VGE_LOG_FORMAT="json",
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "services.scanning"], env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    lines = [json.loads(line) for line in proc.stderr.read().decode().splitlines() if line.startswith("{")]
+    events = [line["event"] for line in lines]
+    assert "service_started" in events and events[-1] == "service_stopped"
+
+
+def test_a_service_without_configuration_says_what_is_missing(tmp_path: Path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VGE_")}
+    proc = subprocess.run([sys.executable, "-m", "services.audit"], env=env, capture_output=True,
+                          timeout=30)
+    assert proc.returncode != 0
+    assert b"VGE_NATS_URL" in proc.stderr and b"vge up" in proc.stderr
