@@ -10,15 +10,17 @@ import os
 import tempfile
 import uuid
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from libs.commands import CommandClient
 from libs.context import ContextSigner, generate_key_pair, load_private_key
 from libs.log import configure_logging
 from libs.servers import resolve_server_urls
+from libs.runtime import ServiceRuntime
 from libs.settings import Settings
 
 configure_logging("WARNING", "console")
@@ -81,6 +83,47 @@ async def nc(nats_url: str) -> AsyncIterator[NATS]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture(scope="session")
+def platform_settings(server_urls: dict[str, str], context_keys: tuple[str, str]) -> Settings:
+    """Settings a service under test runs with: the session's servers and signing keys."""
+    return Settings(
+        environment="test",
+        nats_url=server_urls["nats_url"],
+        database_url=server_urls["database_url"],
+        redis_url=server_urls["redis_url"],
+        context_private_key=context_keys[0],
+        context_public_keys=context_keys[1],
+        health_port=0,
+        gateway_port=0,
+        consumer_backoff_seconds="0.05,0.1,0.2",
+    )
+
+
+@pytest.fixture
+async def start_service(platform_settings: Settings):
+    """Start a service in-process from its ``bootstrap.build``; stopped after the test.
+
+    ``await start_service(build, **settings_overrides)``; call it twice for two replicas.
+    """
+    started: list[ServiceRuntime] = []
+
+    async def _start(build: Callable[[Settings], ServiceRuntime], **overrides: object) -> ServiceRuntime:
+        runtime = build(platform_settings.model_copy(update=overrides))
+        await runtime.start()
+        started.append(runtime)
+        return runtime
+
+    yield _start
+    for runtime in reversed(started):
+        await runtime.stop()
+
+
+@pytest.fixture
+def commands(nc: NATS, signer: ContextSigner) -> CommandClient:
+    """Sends signed commands the way the gateway does."""
+    return CommandClient(nc, signer)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
