@@ -107,7 +107,7 @@ POLICY: Final[dict[Action, Rule]] = {
     Action.CHECKOUT_COMPLETE: _rule(_STAFF,     "api_key system"),
     Action.CHECKOUT_REFUND:   _rule(_ADMINS,    "api_key system"),
     Action.LEDGER_READ:       _rule(_ADMINS,    "api_key system", platform_staff=True),
-    Action.AUDIT_READ:        _rule(_ADMINS,    "system", platform_staff=True),
+    Action.AUDIT_READ:        _rule(_ADMINS,    "system"),  # issue 5: owner/admin or platform admin
     Action.AUDIT_VERIFY:      _rule(_ADMINS,    "system"),
     Action.TENANT_CREATE:     _rule(),  # platform admins only
 }  # fmt: skip
