@@ -38,7 +38,7 @@ import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from libs.log import get_logger
 
@@ -103,9 +103,7 @@ atexit.register(_stop_all_at_exit)
 
 def _pid_alive(pid: int) -> bool:
     """True if ``pid`` exists and is not a zombie (a zombie holds no port or file)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    if not Path("/proc/self/stat").exists():
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -113,28 +111,56 @@ def _pid_alive(pid: int) -> bool:
         except PermissionError:
             return True
         return True
-    # The state follows the parenthesised command name, which may itself contain spaces.
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Pids of the live processes whose process group is ``pgid`` (Linux /proc; [] elsewhere)."""
-    members = []
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of ``pid`` from /proc, or None if it is gone."""
+    try:
+        # The fields follow the parenthesised command name, which may itself contain spaces.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def _processes_of(binary: str, folder: Path) -> dict[int, int]:
+    """Live processes (pid -> parent pid) running ``binary`` with their working directory in
+    ``folder``: exactly the processes of one of our servers, wherever they were reparented to.
+
+    A process group is not enough: PostgreSQL's children each call setsid(). Every server runs
+    inside its data folder (Popen cwd; PostgreSQL chdirs to PGDATA, Redis to ``--dir``).
+    Linux /proc only; elsewhere (or without permission) nothing is found.
+    """
+    exe = os.path.realpath(binary)
+    prefix = str(folder) + "/"
+    found: dict[int, int] = {}
     try:
         entries = os.listdir("/proc")
     except OSError:
-        return members
+        return found
     for entry in entries:
         if not entry.isdigit():
             continue
         try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            if os.readlink(f"/proc/{entry}/exe").removesuffix(" (deleted)") != exe:
+                continue
+            if not (os.readlink(f"/proc/{entry}/cwd") + "/").startswith(prefix):
+                continue
         except OSError:
             continue
-        # fields[0] is the state, fields[2] the process group id.
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
+        stat = _proc_stat(int(entry))
+        if stat is not None and stat[0] != "Z":
+            found[int(entry)] = stat[1]
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -212,11 +238,12 @@ class _ManagedServer:
         with self._lock:
             return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> _ManagedServer:
+    def start(self) -> Self:
         """Start the server and block until it answers; a no-op if it already runs."""
         with self._lock:
             if self.running:
                 return self
+            self._terminate()  # it died on its own: reap it and sweep what it left
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._reap_stale()
             self._prepare()
@@ -251,9 +278,9 @@ class _ManagedServer:
             return self
 
     def stop(self) -> None:
-        """Stop cleanly: the shutdown signal, a wait, then SIGKILL to the whole process group.
-
-        Idempotent; the port and data folder are kept for a later ``start()``.
+        """Stop cleanly: the shutdown signal, a wait of ``stop_timeout``, then SIGKILL; in any
+        case no process of this server is left. Idempotent; the port and data folder are kept
+        for a later ``start()``.
         """
         with self._lock:
             if self._proc is None:
@@ -265,13 +292,13 @@ class _ManagedServer:
             self._cleanup_after_stop()
             log.info(f"{self.name}_stopped", pid=pid, port=self._port)
 
-    def restart(self) -> _ManagedServer:
+    def restart(self) -> Self:
         """``stop()`` then ``start()``: same port, same data folder."""
         with self._lock:
             self.stop()
             return self.start()
 
-    def __enter__(self) -> _ManagedServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -281,6 +308,10 @@ class _ManagedServer:
         return f"<{type(self).__name__} port={self._port} pid={self.pid} data_dir={self.data_dir}>"
 
     # -- hooks --------------------------------------------------------------------------------
+
+    def _binary(self) -> str:  # pragma: no cover - overridden
+        """Path of the server executable."""
+        raise NotImplementedError
 
     def _command(self) -> list[str]:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -300,10 +331,6 @@ class _ManagedServer:
 
     # -- internals ----------------------------------------------------------------------------
 
-    @property
-    def _pid_file(self) -> Path:
-        return self.data_dir / f"{self.name}.pid"
-
     def _spawn(self) -> None:
         cmd = self._command()
         with open(self.log_path, "ab") as logf:
@@ -322,7 +349,6 @@ class _ManagedServer:
                 close_fds=True,
                 **self._popen_kwargs(),
             )
-        self._pid_file.write_text(str(self._proc.pid))
 
     def _wait_ready(self, deadline: float) -> None:
         assert self._proc is not None
@@ -349,25 +375,33 @@ class _ManagedServer:
             delay = min(delay * 2, 0.2)
 
     def _terminate(self) -> None:
-        """Signal, wait, escalate; always reaps the process and sweeps its process group."""
+        """Signal, wait, escalate to SIGKILL; then kill any process of ours left, and reap."""
         proc = self._proc
         if proc is None:
             return
-        pgid = proc.pid  # start_new_session: the server leads its own group
         if proc.poll() is None:
-            try:
-                proc.send_signal(self.stop_signal)
-            except ProcessLookupError:
-                pass
+            _signal(proc.pid, self.stop_signal)
             if not self._wait_exit_unreaped(proc.pid, self.stop_timeout):
                 log.warning(f"{self.name}_stop_timeout", pid=proc.pid, timeout=self.stop_timeout)
-                _killpg(pgid, signal.SIGKILL)
-        # The leader is a zombie now (not reaped yet), so its pid cannot be reused and the group
-        # id still names only our processes: kill any child it left behind, then reap.
-        _killpg(pgid, signal.SIGKILL)
+                # Freeze the leader first so that it cannot fork while we collect its processes.
+                _signal(proc.pid, signal.SIGSTOP)
+                self._kill_own_processes(also=(proc.pid,))
+        # The leader has exited but is not reaped yet, so its pid (= its process group id, as a
+        # session leader) cannot be reused: safe to sweep the group, e.g. a Redis fork.
+        _killpg(proc.pid, signal.SIGKILL)
+        # PostgreSQL's postmaster waits for its children on a clean shutdown, but not if it was
+        # killed: they would linger until they notice; they are in their own sessions.
+        self._kill_own_processes()
         proc.wait()
         self._proc = None
-        self._pid_file.unlink(missing_ok=True)
+
+    def _kill_own_processes(self, also: tuple[int, ...] = ()) -> None:
+        pids = set(_processes_of(self._binary(), self.data_dir)) | set(also)
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     @staticmethod
     def _wait_exit_unreaped(pid: int, timeout: float) -> bool:
@@ -385,42 +419,24 @@ class _ManagedServer:
             time.sleep(0.01)
 
     def _reap_stale(self) -> None:
-        """Kill a server left running from this data folder by a process that died hard
-        (SIGKILL leaves no chance for atexit): it would hold the data and the lock files."""
-        try:
-            pid = int(self._pid_file.read_text().strip())
-        except (OSError, ValueError):
+        """Stop a server left running in this data folder by a process that died hard (SIGKILL
+        gives atexit no chance): it would hold the data, the lock files and maybe the port."""
+        stale = _processes_of(self._binary(), self.data_dir)
+        if self._proc is not None:
+            stale.pop(self._proc.pid, None)
+        if not stale:
             return
-        if self._proc is not None and self._proc.pid == pid:
-            return
-        # Only a process that really is our server for this folder (pids get reused): every
-        # server runs with its working directory inside the data folder (cmdline is no proof:
-        # redis rewrites its process title).
-        try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-        except OSError:
-            cwd = ""
-        if not _pid_alive(pid) or not (cwd + "/").startswith(str(self.data_dir) + "/"):
-            self._pid_file.unlink(missing_ok=True)
-            return
-        log.warning(f"{self.name}_stale_process_killed", pid=pid, data_dir=str(self.data_dir))
-        try:
-            same_group = os.getpgid(pid) == pid
-        except ProcessLookupError:
-            same_group = False
-        kill = (lambda sig: _killpg(pid, sig)) if same_group else (lambda sig: os.kill(pid, sig))
-        try:
-            kill(self.stop_signal)
-            deadline = time.monotonic() + self.stop_timeout
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            kill(signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + 5
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self._pid_file.unlink(missing_ok=True)
+        # The roots (whose parent is not one of them) are the servers: ask them to shut down.
+        roots = [pid for pid, ppid in stale.items() if ppid not in stale]
+        log.warning(f"{self.name}_stale_server_stopped", pids=roots, data_dir=str(self.data_dir))
+        for pid in roots:
+            _signal(pid, self.stop_signal)
+        deadline = time.monotonic() + self.stop_timeout
+        while any(_pid_alive(pid) for pid in stale) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in roots:
+            _signal(pid, signal.SIGSTOP)
+        self._kill_own_processes(also=tuple(stale))
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,9 +486,12 @@ class NatsServer(_ManagedServer):
     def jetstream_dir(self) -> Path:
         return self.data_dir / "jetstream"
 
+    def _binary(self) -> str:
+        return _nats_binary()
+
     def _command(self) -> list[str]:
         cmd = [
-            _nats_binary(),
+            self._binary(),
             "-a", HOST,
             "-p", str(self.port),
             "-n", self.server_name,
@@ -685,10 +704,13 @@ class PostgresServer(_ManagedServer):
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
 
+    def _binary(self) -> str:
+        return _pg_bin("postgres")
+
     def _command(self) -> list[str]:
         assert self._socket_dir is not None
         cmd = [
-            _pg_bin("postgres"),
+            self._binary(),
             "-D", str(self.pgdata),
             "-h", HOST,
             "-p", str(self.port),
@@ -739,9 +761,12 @@ class RedisServer(_ManagedServer):
     def url(self) -> str:
         return f"redis://{HOST}:{self.port}/0"
 
+    def _binary(self) -> str:
+        return _redis_binary()
+
     def _command(self) -> list[str]:
         return [
-            _redis_binary(),
+            self._binary(),
             "--port", str(self.port),
             "--bind", HOST,
             "--dir", str(self.data_dir),
@@ -794,7 +819,7 @@ class LocalServers:
     def servers(self) -> list[_ManagedServer]:
         return [s for s in (self.nats, self.postgres, self.redis) if s is not None]
 
-    def start(self) -> LocalServers:
+    def start(self) -> Self:
         """Start every server in parallel (initdb is the slow one); all or nothing."""
         servers = self.servers
         with ThreadPoolExecutor(max_workers=len(servers) or 1, thread_name_prefix="vge-srv") as ex:
@@ -815,7 +840,7 @@ class LocalServers:
         if failed:
             raise failed[0]
 
-    def __enter__(self) -> LocalServers:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -878,7 +903,7 @@ class ContainerServers:
         self._containers: list[Any] = []
         self.urls: dict[str, str] = {}
 
-    def start(self, keys: list[str] | tuple[str, ...]) -> ContainerServers:
+    def start(self, keys: list[str] | tuple[str, ...]) -> Self:
         """Start a container for each of ``keys`` (``nats_url``, ``database_url``, ``redis_url``)."""
         try:
             if "nats_url" in keys:

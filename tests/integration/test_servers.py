@@ -23,9 +23,9 @@ def servers(tmp_path_factory: pytest.TempPathFactory):
         yield local
 
 
-def _group(pgid: int) -> set[int]:
-    """Live (non-zombie) pids of a process group: a server and every child it forked."""
-    pids = set()
+def _live_processes() -> dict[int, int]:
+    """pid -> parent pid of every live (non-zombie) process."""
+    procs = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -33,9 +33,20 @@ def _group(pgid: int) -> set[int]:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.add(int(entry))
-    return pids
+        if fields[0] != "Z":
+            procs[int(entry)] = int(fields[1])
+    return procs
+
+
+def _tree(root: int) -> set[int]:
+    """``root`` and all its live descendants (PostgreSQL's children leave its process group)."""
+    procs = _live_processes()
+    tree, grew = {root} if root in procs else set(), True
+    while grew:
+        children = {pid for pid, ppid in procs.items() if ppid in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return tree
 
 
 async def test_each_server_answers(servers: LocalServers) -> None:
@@ -93,13 +104,12 @@ def test_stop_leaves_no_process(servers: LocalServers) -> None:
     # Runs last in this module: it stops the shared servers (the fixture's stop is idempotent).
     leaders = {s.name: s.pid for s in servers.servers}
     assert all(leaders.values()), leaders
-    spawned = set().union(*(_group(pid) for pid in leaders.values()))
+    spawned = set().union(*(_tree(pid) for pid in leaders.values()))
     assert set(leaders.values()) <= spawned
     assert len(spawned) > 3  # PostgreSQL forks its checkpointer, WAL writer, ...
 
     servers.stop()
 
     assert all(s.pid is None and not s.running for s in servers.servers)
-    left = {pid for pid in spawned if Path(f"/proc/{pid}").exists()}
+    left = spawned & set(_live_processes())
     assert not left, f"processes left behind: {left}"
-    assert not any(_group(pid) for pid in leaders.values())
