@@ -86,6 +86,15 @@ class RedisStore:
         except _DOWN as exc:
             raise RedisUnavailable(f"redis: {exc}") from exc
 
+    async def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        """The values at ``keys`` (``MGET``: one round trip)."""
+        if not keys:
+            return []
+        try:
+            return list(await self._client.mget(list(keys)))
+        except _DOWN as exc:
+            raise RedisUnavailable(f"redis: {exc}") from exc
+
     async def set(self, key: str, value: str, ttl_seconds: int | None = None) -> None:
         """Set ``key`` (optionally expiring)."""
         try:

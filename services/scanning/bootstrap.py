@@ -1,7 +1,8 @@
-"""Scanning: ticket registry, scans with three-tier dedup, entry/exit, occupancy, offline sync (design §5).
+"""Scanning: ticket registry, scans with three-tier dedup, entry/exit, occupancy, offline sync
+(design §5).
 
-The one place that wires this service: real adapters for a running process, fakes for unit
-tests. Commands are registered on ``runtime.router``, consumers with ``runtime.add_consumer``.
+The one place that wires this service: real adapters for a running process. Commands are
+registered on ``runtime.router``, the registry consumer with ``runtime.add_consumer``.
 """
 
 from __future__ import annotations
@@ -9,17 +10,82 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from libs.contracts.scanning import (
+    GetOccupancy,
+    Occupancy,
+    OfflineScansSynced,
+    ScanDecision,
+    ScanTicket,
+    SyncOfflineScans,
+)
+from libs.log import get_logger
 from libs.runtime import ServiceRuntime, configure_service_logging
 from libs.settings import Settings, get_settings
+from services.scanning.adapters.postgres import ScanningStore
+from services.scanning.adapters.redis_claims import AdmissionClaims
+from services.scanning.handlers import REGISTRY_CONSUMER, AccessControl
 
 SERVICE = "scanning"
 MIGRATIONS = Path(__file__).parent / "migrations"
+OCCUPANCY_TICK_SECONDS = 0.1  # a dashboard sees the latest value within ~100 ms
+
+log = get_logger(__name__)
 
 
 def build(settings: Settings) -> ServiceRuntime:
     """The scanning service's runtime with its commands and consumers registered."""
     runtime = ServiceRuntime(SERVICE, settings, migrations_dir=MIGRATIONS)
+    holder: dict[str, AccessControl] = {}
+
+    def access() -> AccessControl:
+        return holder["access"]
+
+    async def wire() -> None:
+        assert runtime.pool is not None
+        holder["access"] = AccessControl(ScanningStore(runtime.pool), AdmissionClaims(runtime.redis))
+        ticker = asyncio.create_task(_publish_occupancy(holder["access"].store))
+        holder["ticker"] = ticker  # type: ignore[assignment]
+
+    async def unwire() -> None:
+        await access().batcher.drain()
+        ticker = holder.get("ticker")
+        if ticker is not None:
+            ticker.cancel()  # type: ignore[attr-defined]
+
+    runtime.on_start(wire)
+    runtime.on_stop(unwire)
+
+    @runtime.router.command("scan", ScanTicket, ScanDecision)
+    async def scan(ctx, cmd: ScanTicket) -> ScanDecision:
+        """Decide one scan at a gate (entry or exit)."""
+        return await access().scan(ctx, cmd)
+
+    @runtime.router.command("sync", SyncOfflineScans, OfflineScansSynced)
+    async def sync(ctx, cmd: SyncOfflineScans) -> OfflineScansSynced:
+        """Upload scans a device decided offline."""
+        return await access().sync(ctx, cmd)
+
+    @runtime.router.command("occupancy", GetOccupancy, Occupancy)
+    async def occupancy(ctx, cmd: GetOccupancy) -> Occupancy:
+        """The current occupancy of an event."""
+        return await access().occupancy(ctx, cmd)
+
+    async def registry(envelope) -> None:
+        await access().apply_catalog_event(envelope)
+
+    runtime.add_consumer(REGISTRY_CONSUMER, registry, filter_subject="vge.evt.*.payments.>")
     return runtime
+
+
+async def _publish_occupancy(store: ScanningStore) -> None:
+    while True:
+        try:
+            await store.publish_occupancy_changes()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PostgreSQL blip: try again next tick
+            log.warning("occupancy_publish_failed", error=repr(exc))
+        await asyncio.sleep(OCCUPANCY_TICK_SECONDS)
 
 
 def main() -> None:

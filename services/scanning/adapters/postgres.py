@@ -1,0 +1,133 @@
+"""Scanning's PostgreSQL adapter: the authority's decisions, the ticket registry, occupancy."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from libs.contracts.catalog import EventCreated, TicketCancelled, TicketIssued
+from libs.db import CONNECTION_ERRORS, mark_processed, tenant_transaction
+from libs.envelope import Envelope
+from libs.errors import Unavailable
+
+__all__ = ["ScanningStore"]
+
+_REGISTRY_EVENTS = {EventCreated.event_type, TicketIssued.event_type, TicketCancelled.event_type}
+_RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+
+
+class ScanningStore:
+    """All of scanning's SQL."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def decide(self, org_id: UUID, now: datetime, scans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Decide, record and apply a batch of one tenant's scans in one statement (one
+        transaction, one round trip). Raises ``Unavailable`` when PostgreSQL does not answer."""
+        for attempt in range(3):
+            try:
+                async with self._pool.acquire(timeout=2.0) as conn:
+                    return await conn.fetchval("SELECT decide_scans($1, $2, $3)", org_id, now, scans)
+            except _RETRYABLE:
+                # cannot happen between our own batches (tickets are locked in code order), but a
+                # retry is the right answer to any serialization failure
+                await asyncio.sleep(0.01 * (attempt + 1))
+            except CONNECTION_ERRORS as exc:
+                raise Unavailable("scan authority (PostgreSQL) unavailable") from exc
+        raise Unavailable("scan authority busy; retry")
+
+    async def occupancy(self, org_id: UUID, event_id: UUID) -> dict[str, Any] | None:
+        """Current occupancy of an event, or None if this tenant has no such event."""
+        try:
+            async with tenant_transaction(self._pool, org_id, readonly=True) as conn:
+                ev = await conn.fetchrow("SELECT capacity FROM events WHERE event_id = $1", event_id)
+                occ = await conn.fetchrow(
+                    "SELECT inside, entries, exits, updated_at FROM occupancy WHERE event_id = $1",
+                    event_id,
+                )
+                if ev is None and occ is None:
+                    return None
+                counts = await conn.fetch(
+                    "SELECT dimension, key, entries, exits FROM occupancy_counts "
+                    "WHERE event_id = $1 ORDER BY dimension, key",
+                    event_id,
+                )
+        except CONNECTION_ERRORS as exc:
+            raise Unavailable("occupancy store unavailable") from exc
+        return {
+            "event_id": event_id,
+            "capacity": ev["capacity"] if ev else None,
+            "inside": occ["inside"] if occ else 0,
+            "entries": occ["entries"] if occ else 0,
+            "exits": occ["exits"] if occ else 0,
+            "updated_at": occ["updated_at"] if occ else None,
+            "counts": [dict(r) for r in counts],
+        }
+
+    async def publish_occupancy_changes(self, limit: int = 100) -> int:
+        """Queue one ``occupancy.changed`` per event whose occupancy changed (coalesced)."""
+        async with self._pool.acquire(timeout=2.0) as conn:
+            return await conn.fetchval("SELECT publish_occupancy_changes($1)", limit)
+
+    # -- the ticket registry (fed by payments' events) --------------------------------------------
+
+    async def apply_catalog_event(self, consumer: str, envelope: Envelope) -> bool:
+        """Apply one payments event to the registry, once; False if it was already applied or
+        is not a registry event."""
+        if envelope.type not in _REGISTRY_EVENTS:
+            return False
+        async with tenant_transaction(self._pool, envelope.org_id) as conn:
+            if not await mark_processed(conn, consumer, envelope.event_id):
+                return False
+            if envelope.type == EventCreated.event_type:
+                await self._event_created(conn, envelope.org_id, EventCreated.from_envelope(envelope))
+            elif envelope.type == TicketIssued.event_type:
+                await self._ticket_issued(conn, envelope.org_id, TicketIssued.from_envelope(envelope))
+            elif envelope.type == TicketCancelled.event_type:
+                await self._ticket_cancelled(conn, envelope.org_id, TicketCancelled.from_envelope(envelope))
+        return True
+
+    @staticmethod
+    async def _event_created(conn: asyncpg.Connection, org: UUID, e: EventCreated) -> None:
+        valid_from = e.valid_from or (e.starts_at - timedelta(hours=6))
+        valid_until = e.valid_until or e.ends_at
+        await conn.execute(
+            "INSERT INTO events (organization_id, event_id, name, capacity, reentry_allowed, "
+            "valid_from, valid_until, zones) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+            "ON CONFLICT (organization_id, event_id) DO UPDATE SET name = excluded.name, "
+            "capacity = excluded.capacity, reentry_allowed = excluded.reentry_allowed, "
+            "valid_from = excluded.valid_from, valid_until = excluded.valid_until, zones = excluded.zones",
+            org, e.event_id, e.name, e.capacity, e.reentry_allowed, valid_from, valid_until, e.zones,
+        )
+        if e.ticket_types:
+            await conn.executemany(
+                "INSERT INTO ticket_types (organization_id, event_id, code, name, zones) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (organization_id, event_id, code) "
+                "DO UPDATE SET name = excluded.name, zones = excluded.zones",
+                [(org, e.event_id, t.code, t.name, t.zones) for t in e.ticket_types],
+            )
+
+    @staticmethod
+    async def _ticket_issued(conn: asyncpg.Connection, org: UUID, t: TicketIssued) -> None:
+        # DO NOTHING: a cancellation that overtook the issue keeps the ticket cancelled
+        await conn.execute(
+            "INSERT INTO tickets (organization_id, ticket_code, event_id, ticket_type, issued_at) "
+            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (organization_id, ticket_code) DO "
+            "UPDATE SET ticket_type = excluded.ticket_type, issued_at = excluded.issued_at "
+            "WHERE tickets.ticket_type = ''",
+            org, t.ticket_code, t.event_id, t.ticket_type, t.issued_at,
+        )
+
+    @staticmethod
+    async def _ticket_cancelled(conn: asyncpg.Connection, org: UUID, t: TicketCancelled) -> None:
+        await conn.execute(
+            "INSERT INTO tickets (organization_id, ticket_code, event_id, ticket_type, status, cancelled_at) "
+            "VALUES ($1, $2, $3, '', 'cancelled', $4) ON CONFLICT (organization_id, ticket_code) "
+            "DO UPDATE SET status = 'cancelled', cancelled_at = excluded.cancelled_at",
+            org, t.ticket_code, t.event_id, t.cancelled_at,
+        )

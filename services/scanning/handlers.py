@@ -1,0 +1,171 @@
+"""Scanning's handlers: thin glue from commands and events to the tiers and the authority."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from libs.context import CommandContext
+from libs.contracts.catalog import TicketCancelled
+from libs.contracts.scanning import (
+    Direction,
+    GetOccupancy,
+    OccupancyCount,
+    Occupancy,
+    OfflineScanDecision,
+    OfflineScansSynced,
+    ScanDecision,
+    ScanOutcome,
+    ScanTicket,
+    SyncOfflineScans,
+)
+from libs.envelope import Envelope, utcnow
+from libs.errors import InvalidInput, NotFound
+from libs.log import get_logger
+from libs.policy import Action, Resource, authorize
+from services.scanning.adapters.batching import DecisionBatcher
+from services.scanning.adapters.postgres import ScanningStore
+from services.scanning.adapters.redis_claims import AdmissionClaims
+from services.scanning.domain import Admission, AdmissionCache, duplicate_of, offline_apply_order
+
+__all__ = ["AccessControl", "REGISTRY_CONSUMER"]
+
+log = get_logger(__name__)
+
+REGISTRY_CONSUMER = "scanning-registry"
+
+
+def _tenant(ctx: CommandContext) -> UUID:
+    if ctx.org_id is None:
+        raise InvalidInput("scanning acts inside one tenant: the context names none")
+    return ctx.org_id
+
+
+class AccessControl:
+    """Admits and lets out ticket holders at the gates, and counts who is inside."""
+
+    def __init__(self, store: ScanningStore, claims: AdmissionClaims, cache: AdmissionCache | None = None):
+        self.store = store
+        self.claims = claims
+        self.cache = cache or AdmissionCache()
+        self.batcher = DecisionBatcher(store.decide)
+
+    async def scan(self, ctx: CommandContext, cmd: ScanTicket) -> ScanDecision:
+        """Decide one online scan: tier 1 (this process), tier 2 (Redis), then the authority."""
+        org = _tenant(ctx)
+        authorize(ctx.actor, Action.SCAN_SUBMIT, Resource("event", org, str(cmd.event_id)))
+        device = ctx.actor.user_id
+        nonce = cmd.nonce or f"srv-{uuid.uuid4()}"
+        item = self._scan_item(ctx, org, cmd.event_id, cmd.ticket_code, cmd.direction, cmd.gate,
+                               cmd.zone, nonce, cmd.scanned_at, cmd.device_event_id)
+        if cmd.direction is Direction.ENTRY:
+            known = self.cache.get(org, cmd.ticket_code)
+            if known is None:
+                (known,) = await self.claims.admissions([(org, cmd.ticket_code)])
+                if known is not None:
+                    self.cache.put(org, cmd.ticket_code, known)
+            dup = duplicate_of(known, event_id=cmd.event_id, direction=cmd.direction,
+                               device_id=device, nonce=nonce)
+            if dup is not None:
+                # a known duplicate: still recorded by the authority, without taking the ticket lock
+                item.update(pre="already_admitted", pre_first_at=dup.first_admitted_at.isoformat(),
+                            pre_first_gate=dup.first_gate, pre_ticket_type=dup.ticket_type)
+        decision = await self.batcher.submit(org, item)
+        await self._remember([(org, item, decision)])
+        return ScanDecision(
+            result=decision["result"], reason=decision["reason"], scan_id=decision["scan_id"],
+            ticket_type=decision["ticket_type"], first_admitted_at=decision["first_at"],
+            first_gate=decision["first_gate"], nonce=nonce, conflict=decision["conflict"],
+            replayed=decision["replayed"],
+        )
+
+    async def sync(self, ctx: CommandContext, cmd: SyncOfflineScans) -> OfflineScansSynced:
+        """Apply an offline batch in ``scanned_at`` order in one transaction; one result per scan."""
+        org = _tenant(ctx)
+        for event_id in {s.event_id for s in cmd.scans}:
+            authorize(ctx.actor, Action.SCAN_SYNC, Resource("event", org, str(event_id)))
+        order = offline_apply_order(cmd.scans)
+        items = []
+        for i in order:
+            s = cmd.scans[i]
+            item = self._scan_item(ctx, org, s.event_id, s.ticket_code, s.direction, s.gate, s.zone,
+                                   s.nonce, s.scanned_at, cmd.device_event_id)
+            item.update(offline=True, device_result=s.device_result.value, i=i)
+            items.append(item)
+        decisions = await self.store.decide(org, utcnow(), items)
+        by_index = {d["i"]: d for d in decisions}
+        await self._remember([(org, item, by_index[item["i"]]) for item in items])
+        return OfflineScansSynced(results=[
+            OfflineScanDecision(
+                nonce=s.nonce, result=by_index[i]["result"], reason=by_index[i]["reason"],
+                conflict=by_index[i]["conflict"], scan_id=by_index[i]["scan_id"],
+                ticket_type=by_index[i]["ticket_type"], first_admitted_at=by_index[i]["first_at"],
+                first_gate=by_index[i]["first_gate"], replayed=by_index[i]["replayed"],
+            )
+            for i, s in enumerate(cmd.scans)
+        ])
+
+    async def occupancy(self, ctx: CommandContext, cmd: GetOccupancy) -> Occupancy:
+        """The current occupancy of an event of the caller's tenant."""
+        org = _tenant(ctx)
+        authorize(ctx.actor, Action.OCCUPANCY_READ, Resource("event", org, str(cmd.event_id)))
+        row = await self.store.occupancy(org, cmd.event_id)
+        if row is None:
+            raise NotFound("event not found")
+        counts = row.pop("counts")
+        return Occupancy(
+            **row,
+            by_gate=[OccupancyCount(key=c["key"], entries=c["entries"], exits=c["exits"])
+                     for c in counts if c["dimension"] == "gate"],
+            by_ticket_type=[OccupancyCount(key=c["key"], entries=c["entries"], exits=c["exits"],
+                                           inside=c["entries"] - c["exits"])
+                            for c in counts if c["dimension"] == "ticket_type"],
+        )
+
+    async def apply_catalog_event(self, envelope: Envelope) -> None:
+        """Keep the ticket registry in step with payments' events (applied once each)."""
+        applied = await self.store.apply_catalog_event(REGISTRY_CONSUMER, envelope)
+        if applied and envelope.type == TicketCancelled.event_type:
+            code = envelope.data["ticket_code"]
+            self.cache.forget(envelope.org_id, code)
+            await self.claims.release(envelope.org_id, code)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _scan_item(
+        ctx: CommandContext, org: UUID, event_id: UUID, code: str, direction: Direction,
+        gate: str | None, zone: str | None, nonce: str, scanned_at: datetime | None,
+        device_event_id: UUID | None,
+    ) -> dict[str, Any]:
+        return {
+            "event_id": str(event_id), "code": code, "dir": direction.value, "gate": gate,
+            "zone": zone, "device": ctx.actor.user_id, "nonce": nonce,
+            "scanned_at": scanned_at.isoformat() if scanned_at else None, "offline": False,
+            "device_event_id": str(device_event_id) if device_event_id else None,
+            "actor": ctx.actor.model_dump(mode="json"), "corr": ctx.correlation_id,
+        }
+
+    async def _remember(self, decided: list[tuple[UUID, dict[str, Any], dict[str, Any]]]) -> None:
+        """Feed tiers 1 and 2 with the admissions the authority just made, for events without
+        re-entry, where an admission is final. Only from accepted scans: their device and nonce
+        are known, so the admitting device's own retry still gets its "accepted" back."""
+        fresh: list[tuple[UUID, str, Admission]] = []
+        for org, item, d in decided:
+            if (
+                item["dir"] != "entry"
+                or d["result"] != ScanOutcome.ACCEPTED.value
+                or d.get("reentry") is not False
+                or d["replayed"]
+            ):
+                continue
+            admission = Admission(
+                event_id=UUID(item["event_id"]), ticket_type=d["ticket_type"],
+                first_admitted_at=datetime.fromisoformat(d["first_at"]),
+                first_gate=d["first_gate"], device_id=item["device"], nonce=item["nonce"],
+            )
+            self.cache.put(org, item["code"], admission)
+            fresh.append((org, item["code"], admission))
+        await self.claims.claim(fresh)

@@ -1,0 +1,271 @@
+-- The authority (design §5, tier 3): decide a batch of scans of one tenant in ONE round trip.
+--
+-- Why in the database: per-scan commits cannot reach thousands of decisions per second on two
+-- cores, so concurrent scans are decided together. Every ticket of the batch is locked first, in
+-- ticket-code order (two replicas' batches never deadlock); each scan is then decided against the
+-- locked row, recorded, and applied with a conditional update; the scan.accepted/scan.rejected
+-- events go to the outbox and occupancy is updated, all in the caller's single transaction.
+--
+-- p_scans: JSON array, one object per scan, in the order to apply them:
+--   i, event_id, code, dir (entry|exit), gate, zone, device, nonce, scanned_at, offline,
+--   device_result (offline: what the device decided), device_event_id, actor (JSON), corr,
+--   pre (a duplicate already known from the cache/Redis tiers: 'already_admitted'),
+--   pre_first_at, pre_first_gate, pre_ticket_type
+-- Returns a JSON array with one decision per scan (same i).
+CREATE FUNCTION decide_scans(p_org uuid, p_now timestamptz, p_scans jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    s            jsonb;
+    t            tickets%ROWTYPE;
+    ev           events%ROWTYPE;
+    prior        scans%ROWTYPE;
+    v_codes      text[];
+    v_out        jsonb[] := '{}';
+    v_envelopes  jsonb[] := '{}';
+    v_accepted   uuid[] := '{}';
+    v_scan_id    uuid;
+    v_result     text;
+    v_reason     text;
+    v_conflict   boolean;
+    v_swap       boolean;
+    v_when       timestamptz;
+    v_zones      text[];
+    v_first_at   timestamptz;
+    v_first_gate text;
+    v_type       text;
+    v_admission  int;
+    v_reentry    boolean;
+    v_offline    boolean;
+BEGIN
+    PERFORM set_config('vge.org_id', p_org::text, true);
+
+    SELECT array_agg(DISTINCT x->>'code') INTO v_codes
+    FROM jsonb_array_elements(p_scans) x WHERE x->>'pre' IS NULL;
+    PERFORM 1 FROM tickets
+    WHERE organization_id = p_org AND ticket_code = ANY (v_codes)
+    ORDER BY ticket_code FOR UPDATE;
+
+    FOR s IN SELECT value FROM jsonb_array_elements(p_scans) LOOP
+        -- a retry of (device, nonce) gets the first decision and records nothing new
+        SELECT * INTO prior FROM scans
+        WHERE organization_id = p_org AND device_id = s->>'device' AND nonce = s->>'nonce';
+        IF FOUND THEN
+            v_out := v_out || jsonb_build_object(
+                'i', s->'i', 'scan_id', prior.scan_id, 'result', prior.result,
+                'reason', prior.reason, 'ticket_type', prior.ticket_type,
+                'first_at', prior.first_admitted_at, 'first_gate', prior.first_gate,
+                'conflict', prior.conflict, 'replayed', true, 'reentry', NULL);
+            CONTINUE;
+        END IF;
+
+        v_scan_id := uuidv7();
+        v_result := 'rejected'; v_reason := NULL; v_conflict := false; v_swap := false;
+        v_first_at := NULL; v_first_gate := NULL; v_type := NULL; v_admission := NULL;
+        v_reentry := NULL;
+        v_offline := coalesce((s->>'offline')::boolean, false);
+        v_when := CASE WHEN v_offline THEN (s->>'scanned_at')::timestamptz ELSE p_now END;
+        t := NULL; ev := NULL;
+
+        IF s->>'pre' IS NOT NULL THEN
+            v_reason := s->>'pre';
+            v_first_at := (s->>'pre_first_at')::timestamptz;
+            v_first_gate := s->>'pre_first_gate';
+            v_type := s->>'pre_ticket_type';
+        ELSE
+            SELECT * INTO t FROM tickets WHERE organization_id = p_org AND ticket_code = s->>'code';
+            IF NOT FOUND THEN
+                v_reason := 'unknown_ticket';
+            ELSE
+                v_type := t.ticket_type;
+                SELECT * INTO ev FROM events WHERE organization_id = p_org AND event_id = t.event_id;
+                v_reentry := coalesce(ev.reentry_allowed, false);
+                IF s->>'device_event_id' IS NOT NULL
+                   AND (s->>'device_event_id')::uuid <> (s->>'event_id')::uuid THEN
+                    v_reason := 'device_not_allowed';
+                ELSIF t.event_id <> (s->>'event_id')::uuid THEN
+                    v_reason := 'wrong_event';
+                ELSIF s->>'dir' = 'exit' THEN
+                    -- leaving is always allowed for someone inside, also with a cancelled ticket
+                    IF t.inside THEN v_result := 'accepted'; ELSE v_reason := 'not_inside'; END IF;
+                ELSIF t.status = 'cancelled' THEN
+                    v_reason := 'cancelled';
+                ELSIF (ev.valid_from IS NOT NULL AND v_when < ev.valid_from)
+                      OR (ev.valid_until IS NOT NULL AND v_when > ev.valid_until) THEN
+                    v_reason := 'not_valid_now';
+                ELSIF s->>'zone' IS NOT NULL AND EXISTS (
+                        SELECT 1 FROM ticket_types tt
+                        WHERE tt.organization_id = p_org AND tt.event_id = t.event_id
+                          AND tt.code = t.ticket_type AND cardinality(tt.zones) > 0
+                          AND NOT (s->>'zone' = ANY (tt.zones))) THEN
+                    v_reason := 'zone_denied';
+                ELSIF t.inside OR (t.entries > 0 AND NOT v_reentry) THEN
+                    v_reason := 'already_admitted';
+                    v_first_at := t.first_admitted_at;
+                    v_first_gate := t.first_gate;
+                    -- offline: the earlier of two admissions is the admission, the later one
+                    -- the conflict, whichever was uploaded first
+                    IF v_offline AND s->>'device_result' = 'accepted' AND t.inside
+                       AND t.last_entry_at IS NOT NULL AND v_when < t.last_entry_at THEN
+                        v_swap := true;
+                    END IF;
+                ELSE
+                    v_result := 'accepted';
+                END IF;
+            END IF;
+        END IF;
+
+        IF v_offline AND s->>'device_result' = 'rejected' THEN
+            -- the device turned the holder away: nobody passed, nothing changes
+            v_result := 'rejected';
+        ELSIF v_offline AND v_result = 'rejected' AND NOT v_swap THEN
+            -- the device let someone through that the rules refuse: recorded, flagged
+            v_conflict := true;
+        END IF;
+
+        IF v_swap THEN
+            UPDATE scans SET conflict = true, admission_no = NULL
+            WHERE scan_id = t.last_entry_scan_id AND organization_id = p_org;
+            v_admission := t.entries;
+            UPDATE tickets SET
+                last_entry_at = v_when, last_entry_scan_id = v_scan_id,
+                first_admitted_at = CASE WHEN v_when < first_admitted_at THEN v_when ELSE first_admitted_at END,
+                first_gate = CASE WHEN v_when < first_admitted_at THEN s->>'gate' ELSE first_gate END
+            WHERE organization_id = p_org AND ticket_code = t.ticket_code
+            RETURNING first_admitted_at, first_gate INTO v_first_at, v_first_gate;
+            v_result := 'accepted'; v_reason := NULL;
+        ELSIF v_result = 'accepted' AND s->>'dir' = 'entry' THEN
+            -- the conditional state change: only a ticket that is outside goes inside
+            UPDATE tickets SET
+                inside = true, entries = entries + 1,
+                first_admitted_at = coalesce(first_admitted_at, v_when),
+                first_gate = CASE WHEN first_admitted_at IS NULL THEN s->>'gate' ELSE first_gate END,
+                last_entry_at = v_when, last_entry_scan_id = v_scan_id
+            WHERE organization_id = p_org AND ticket_code = t.ticket_code AND NOT inside
+            RETURNING entries, first_admitted_at, first_gate INTO v_admission, v_first_at, v_first_gate;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'ticket % changed under its lock', t.ticket_code;
+            END IF;
+            v_accepted := v_accepted || v_scan_id;
+        ELSIF v_result = 'accepted' THEN
+            UPDATE tickets SET inside = false, exits = exits + 1
+            WHERE organization_id = p_org AND ticket_code = t.ticket_code AND inside;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'ticket % changed under its lock', t.ticket_code;
+            END IF;
+            v_first_at := t.first_admitted_at; v_first_gate := t.first_gate;
+            v_accepted := v_accepted || v_scan_id;
+        END IF;
+
+        INSERT INTO scans (scan_id, organization_id, event_id, ticket_code, ticket_type, direction,
+                           gate, zone, device_id, nonce, result, reason, conflict, offline,
+                           first_admitted_at, first_gate, admission_no, scanned_at, received_at)
+        VALUES (v_scan_id, p_org, (s->>'event_id')::uuid, s->>'code', v_type, s->>'dir',
+                s->>'gate', s->>'zone', s->>'device', s->>'nonce', v_result, v_reason, v_conflict,
+                v_offline, v_first_at, v_first_gate, v_admission,
+                (s->>'scanned_at')::timestamptz, p_now);
+
+        v_out := v_out || jsonb_build_object(
+            'i', s->'i', 'scan_id', v_scan_id, 'result', v_result, 'reason', v_reason,
+            'ticket_type', v_type, 'first_at', v_first_at, 'first_gate', v_first_gate,
+            'conflict', v_conflict, 'replayed', false, 'reentry', v_reentry);
+        v_envelopes := v_envelopes || jsonb_build_object(
+            'event_id', uuidv7(),
+            'type', CASE WHEN v_result = 'accepted' THEN 'scan.accepted' ELSE 'scan.rejected' END,
+            'schema_version', 1,
+            'occurred_at', p_now,
+            'org_id', p_org,
+            'actor', s->'actor',
+            'correlation_id', s->>'corr',
+            'causation_id', NULL,
+            'data', jsonb_build_object(
+                'scan_id', v_scan_id, 'event_id', s->>'event_id', 'ticket_code', s->>'code',
+                'ticket_type', v_type, 'direction', s->>'dir', 'gate', s->>'gate',
+                'zone', s->>'zone', 'device_id', s->>'device', 'nonce', s->>'nonce',
+                'scanned_at', s->>'scanned_at', 'received_at', p_now, 'offline', v_offline)
+                || CASE WHEN v_result = 'accepted' THEN '{}'::jsonb
+                        ELSE jsonb_build_object('reason', v_reason, 'conflict', v_conflict) END);
+    END LOOP;
+
+    INSERT INTO outbox (event_id, organization_id, subject, payload)
+    SELECT (e->>'event_id')::uuid, p_org,
+           'vge.evt.' || p_org || '.scanning.' || (e->>'type'),
+           convert_to(e::text, 'UTF8')
+    FROM unnest(v_envelopes) e;
+
+    IF cardinality(v_accepted) > 0 THEN
+        -- occupancy first, then the dirty mark (publish_occupancy_changes relies on that order)
+        INSERT INTO occupancy AS o (organization_id, event_id, inside, entries, exits, version, updated_at)
+        SELECT p_org, event_id,
+               count(*) FILTER (WHERE direction = 'entry') - count(*) FILTER (WHERE direction = 'exit'),
+               count(*) FILTER (WHERE direction = 'entry'),
+               count(*) FILTER (WHERE direction = 'exit'), 1, p_now
+        FROM scans WHERE scan_id = ANY (v_accepted)
+        GROUP BY event_id ORDER BY event_id
+        ON CONFLICT (organization_id, event_id) DO UPDATE SET
+            inside = o.inside + excluded.inside, entries = o.entries + excluded.entries,
+            exits = o.exits + excluded.exits, version = o.version + 1,
+            updated_at = excluded.updated_at;
+
+        INSERT INTO occupancy_counts AS c (organization_id, event_id, dimension, key, entries, exits)
+        SELECT p_org, event_id, dim, key,
+               count(*) FILTER (WHERE direction = 'entry'), count(*) FILTER (WHERE direction = 'exit')
+        FROM (SELECT event_id, direction, 'gate' AS dim, coalesce(gate, '') AS key
+              FROM scans WHERE scan_id = ANY (v_accepted)
+              UNION ALL
+              SELECT event_id, direction, 'ticket_type', coalesce(ticket_type, '')
+              FROM scans WHERE scan_id = ANY (v_accepted)) x
+        GROUP BY event_id, dim, key ORDER BY event_id, dim, key
+        ON CONFLICT (organization_id, event_id, dimension, key) DO UPDATE SET
+            entries = c.entries + excluded.entries, exits = c.exits + excluded.exits;
+
+        INSERT INTO occupancy_dirty (organization_id, event_id)
+        SELECT DISTINCT p_org, event_id FROM scans WHERE scan_id = ANY (v_accepted)
+        ON CONFLICT DO NOTHING;
+    END IF;
+
+    RETURN to_jsonb(v_out);
+END $$;
+
+-- Coalesced occupancy.changed: one event per event whose occupancy changed since the last one,
+-- however many scans that was. Called every ~100 ms by each replica; SKIP LOCKED shares the work.
+CREATE FUNCTION publish_occupancy_changes(p_limit int) RETURNS int
+LANGUAGE plpgsql AS $$
+DECLARE
+    d   record;
+    o   occupancy%ROWTYPE;
+    cap int;
+    n   int := 0;
+BEGIN
+    FOR d IN SELECT organization_id, event_id FROM occupancy_dirty
+             ORDER BY organization_id, event_id LIMIT p_limit FOR UPDATE SKIP LOCKED LOOP
+        PERFORM set_config('vge.org_id', d.organization_id::text, true);
+        -- waits for a scan batch holding this row, so it publishes that batch's value too
+        UPDATE occupancy SET published_version = version
+        WHERE organization_id = d.organization_id AND event_id = d.event_id
+        RETURNING * INTO o;
+        IF FOUND THEN
+            SELECT capacity INTO cap FROM events
+            WHERE organization_id = d.organization_id AND event_id = d.event_id;
+            INSERT INTO outbox (event_id, organization_id, subject, payload)
+            SELECT ev_id, d.organization_id,
+                   'vge.evt.' || d.organization_id || '.scanning.occupancy.changed',
+                   convert_to(jsonb_build_object(
+                       'event_id', ev_id, 'type', 'occupancy.changed', 'schema_version', 1,
+                       'occurred_at', now(), 'org_id', d.organization_id,
+                       'actor', jsonb_build_object(
+                           'user_id', 'system:scanning', 'organization_id', d.organization_id,
+                           'role', NULL, 'is_platform_admin', false, 'is_platform_staff', false,
+                           'type', 'system'),
+                       'correlation_id', ev_id::text, 'causation_id', NULL,
+                       'data', jsonb_build_object(
+                           'event_id', o.event_id, 'inside', o.inside, 'entries', o.entries,
+                           'exits', o.exits, 'capacity', cap, 'updated_at', o.updated_at,
+                           'version', o.version))::text, 'UTF8')
+            FROM (SELECT uuidv7() AS ev_id) x;
+            n := n + 1;
+        END IF;
+        DELETE FROM occupancy_dirty
+        WHERE organization_id = d.organization_id AND event_id = d.event_id;
+    END LOOP;
+    RETURN n;
+END $$;
