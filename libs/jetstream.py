@@ -5,6 +5,11 @@ bind to them, never redeclare: see shared/notes/faststream-nats.md). ``EventCons
 durable pull consumer with explicit ack, bounded redelivery with backoff, and dead-lettering
 with the reason. Idempotency is the handler's part: it records the event id in the same
 transaction as its change (``libs.db.mark_processed``).
+
+A consumer whose work is cheaper in bulk (one transaction for many events, e.g. the audit log)
+also passes a ``batch_handler``: each fetched batch then goes to it at once, and only when that
+fails is every message of the batch retried alone through ``handler``, so one poison event is
+isolated and dead-lettered while the rest of its batch is applied.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ __all__ = [
     "ensure_streams",
     "EventConsumer",
     "EventHandler",
+    "BatchEventHandler",
     "DLQ_REASON_HEADER",
     "retry_delay",
 ]
@@ -46,6 +52,7 @@ DLQ_CONSUMER_HEADER = "Vge-Consumer"
 DLQ_DELIVERIES_HEADER = "Vge-Deliveries"
 
 EventHandler = Callable[[Envelope], Awaitable[None]]
+BatchEventHandler = Callable[[Sequence[Envelope]], Awaitable[None]]
 
 CONSUMED = Counter("vge_events_consumed_total", "Events handled", ["consumer", "outcome"])
 
@@ -89,6 +96,10 @@ class EventConsumer:
     ``vge.dlq.<durable>`` with the reason and terminated, so one poison event never blocks the
     stream. The server never gives up by itself (``max_deliver=-1``): giving up is ours, so no
     message is lost without a dead letter, also when a handler crashed the process.
+
+    Optional, both off by default: ``batch_handler`` (see the module docstring) and
+    ``permanent_errors``, exception types that can never succeed on a retry (e.g. an event the
+    handler refuses as invalid); those are dead-lettered at the first failure.
     """
 
     def __init__(
@@ -103,6 +114,8 @@ class EventConsumer:
         ack_wait: float = 30.0,
         batch: int = 100,
         concurrency: int = 1,
+        batch_handler: BatchEventHandler | None = None,
+        permanent_errors: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._js = js
         self.durable = durable
@@ -113,6 +126,8 @@ class EventConsumer:
         self._ack_wait = ack_wait
         self._batch = batch
         self._concurrency = concurrency
+        self._batch_handler = batch_handler
+        self._permanent_errors = permanent_errors
         self._task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
 
@@ -161,7 +176,9 @@ class EventConsumer:
                 log.warning("consumer_fetch_failed", consumer=self.durable, error=repr(exc))
                 await asyncio.sleep(0.5)
                 continue
-            if self._concurrency == 1:
+            if self._batch_handler is not None:
+                await self.handle_batch(msgs)
+            elif self._concurrency == 1:
                 for msg in msgs:
                     await self.handle(msg)
             else:
@@ -192,7 +209,9 @@ class EventConsumer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a handler failure must not kill the loop
-                if deliveries >= self._max_deliver:
+                if isinstance(exc, self._permanent_errors):
+                    await self._dead_letter(msg, f"handler refused: {_short(exc)}", deliveries)
+                elif deliveries >= self._max_deliver:
                     log.error("event_dead_lettered", consumer=self.durable, error=repr(exc))
                     await self._dead_letter(msg, f"handler failed: {_short(exc)}", deliveries)
                 else:
@@ -206,6 +225,38 @@ class EventConsumer:
                 return
             await _quietly(msg.ack())
             CONSUMED.labels(self.durable, "ok").inc()
+
+    async def handle_batch(self, msgs: Sequence[Msg]) -> None:
+        """Handle one fetched batch through ``batch_handler``: ack all when it succeeds, else
+        fall back to ``handle`` message by message. Never raises."""
+        assert self._batch_handler is not None
+        ready: list[tuple[Msg, Envelope]] = []
+        for msg in msgs:
+            deliveries = msg.metadata.num_delivered
+            try:
+                envelope = Envelope.from_bytes(msg.data)
+            except (ValidationError, ValueError) as exc:
+                await self._dead_letter(msg, f"malformed envelope: {_short(exc)}", deliveries)
+                continue
+            if deliveries > self._max_deliver:
+                await self._dead_letter(msg, "gave up: no outcome after max deliveries", deliveries)
+                continue
+            ready.append((msg, envelope))
+        if not ready:
+            return
+        try:
+            await self._batch_handler([envelope for _, envelope in ready])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolate the culprit instead of failing them all
+            log.warning(
+                "event_batch_failed", consumer=self.durable, error=repr(exc), size=len(ready)
+            )
+            for msg, _ in ready:
+                await self.handle(msg)
+            return
+        await asyncio.gather(*(_quietly(msg.ack()) for msg, _ in ready))
+        CONSUMED.labels(self.durable, "ok").inc(len(ready))
 
     async def _dead_letter(self, msg: Msg, reason: str, deliveries: int) -> None:
         headers = {

@@ -81,6 +81,8 @@ class ServiceRuntime:
         self.pool: asyncpg.Pool | None = None
         self.redis: RedisStore | None = None
         self.relay: OutboxRelay | None = None
+        # the service's wired components by name (handlers, stores), for introspection and tests
+        self.components: dict[str, Any] = {}
         self._consumer_specs: list[dict[str, Any]] = []
         self._consumers: list[EventConsumer] = []
         self._on_start: list[Callable[[], Awaitable[None]]] = []

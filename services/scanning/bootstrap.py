@@ -35,22 +35,22 @@ log = get_logger(__name__)
 def build(settings: Settings) -> ServiceRuntime:
     """The scanning service's runtime with its commands and consumers registered."""
     runtime = ServiceRuntime(SERVICE, settings, migrations_dir=MIGRATIONS)
-    holder: dict[str, AccessControl] = {}
 
     def access() -> AccessControl:
-        return holder["access"]
+        return runtime.components["access"]
 
     async def wire() -> None:
         assert runtime.pool is not None
-        holder["access"] = AccessControl(ScanningStore(runtime.pool), AdmissionClaims(runtime.redis))
-        ticker = asyncio.create_task(_publish_occupancy(holder["access"].store))
-        holder["ticker"] = ticker  # type: ignore[assignment]
+        runtime.components["access"] = AccessControl(
+            ScanningStore(runtime.pool), AdmissionClaims(runtime.redis)
+        )
+        runtime.components["occupancy_ticker"] = asyncio.create_task(
+            _publish_occupancy(access().store)
+        )
 
     async def unwire() -> None:
         await access().batcher.drain()
-        ticker = holder.get("ticker")
-        if ticker is not None:
-            ticker.cancel()  # type: ignore[attr-defined]
+        runtime.components["occupancy_ticker"].cancel()
 
     runtime.on_start(wire)
     runtime.on_stop(unwire)

@@ -16,7 +16,6 @@ from libs.commands import CommandClient
 from libs.contracts.catalog import EventCreated, TicketCancelled, TicketIssued, TicketTypeInfo
 from libs.contracts.scanning import ScanDecision
 from libs.jetstream import ensure_streams
-from libs.outbox import add_events  # noqa: F401 - documents where real events come from
 from services.scanning.bootstrap import build
 
 
@@ -116,7 +115,9 @@ async def scanning(start_service):
 
 
 @pytest.fixture
-async def venue_factory(scanning, nc, commands, admin_dsn):
+async def seed(nc, commands, admin_dsn):
+    """``await seed(tickets=..., reentry=..., ...)``: a fresh tenant with an event and tickets
+    (needs a running scanning service to apply them)."""
     js = nc.jetstream()
     await ensure_streams(js)
 
@@ -124,3 +125,9 @@ async def venue_factory(scanning, nc, commands, admin_dsn):
         return await seed_venue(js, commands, admin_dsn, **kwargs)
 
     return make
+
+
+@pytest.fixture
+async def venue_factory(scanning, seed):
+    """``seed`` with one scanning instance running."""
+    return seed
