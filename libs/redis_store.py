@@ -79,6 +79,18 @@ class RedisStore:
             out.append(None if won else holder)
         return out
 
+    async def set_many(self, items: Sequence[tuple[str, str]], ttl_seconds: int) -> None:
+        """Set many keys with an expiry in one round trip."""
+        if not items:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, value in items:
+                    pipe.set(key, value, ex=ttl_seconds)
+                await pipe.execute()
+        except _DOWN as exc:
+            raise RedisUnavailable(f"redis: {exc}") from exc
+
     async def get(self, key: str) -> str | None:
         """The value at ``key``, or None."""
         try:

@@ -126,10 +126,11 @@ class AdmissionCache:
         self._entries.move_to_end(key)
         return admission
 
-    def put(self, org_id: UUID, ticket_code: str, admission: Admission) -> None:
-        """Remember an admission (the first one wins: it is the one the authority recorded)."""
+    def put(self, org_id: UUID, ticket_code: str, admission: Admission, *, replace: bool = False) -> None:
+        """Remember an admission. The first one stays unless ``replace``: the authority moved
+        the admission to an earlier offline scan."""
         key = (org_id, ticket_code)
-        if key in self._entries and self._entries[key][0] >= self._clock():
+        if not replace and key in self._entries and self._entries[key][0] >= self._clock():
             return
         self._entries[key] = (self._clock() + self._ttl, admission)
         self._entries.move_to_end(key)

@@ -153,6 +153,7 @@ class AccessControl:
         re-entry, where an admission is final. Only from accepted scans: their device and nonce
         are known, so the admitting device's own retry still gets its "accepted" back."""
         fresh: list[tuple[UUID, str, Admission]] = []
+        moved: list[tuple[UUID, str, Admission]] = []
         for org, item, d in decided:
             if (
                 item["dir"] != "entry"
@@ -166,6 +167,6 @@ class AccessControl:
                 first_admitted_at=datetime.fromisoformat(d["first_at"]),
                 first_gate=d["first_gate"], device_id=item["device"], nonce=item["nonce"],
             )
-            self.cache.put(org, item["code"], admission)
-            fresh.append((org, item["code"], admission))
-        await self.claims.claim(fresh)
+            self.cache.put(org, item["code"], admission, replace=d["swap"])
+            (moved if d["swap"] else fresh).append((org, item["code"], admission))
+        await self.claims.claim(fresh, moved)

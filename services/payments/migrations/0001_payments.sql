@@ -33,7 +33,7 @@ CREATE TABLE ticket_types (
     code            text    NOT NULL,
     name            text    NOT NULL,
     price           bigint  NOT NULL CHECK (price >= 0),
-    currency        char(3) NOT NULL,
+    currency        text NOT NULL,
     quantity        integer NOT NULL CHECK (quantity >= 0),
     held            integer NOT NULL DEFAULT 0 CHECK (held >= 0),
     sold            integer NOT NULL DEFAULT 0 CHECK (sold >= 0),
@@ -60,7 +60,7 @@ CREATE TABLE checkouts (
                         'pending', 'charging', 'charged', 'posted', 'completed',
                         'compensating', 'failed', 'expired', 'refunding', 'refunded')),
     total           bigint      NOT NULL CHECK (total >= 0),
-    currency        char(3)     NOT NULL,
+    currency        text     NOT NULL,
     expires_at      timestamptz NOT NULL,
     create_key      text,            -- Idempotency-Key of the create command, if any
     completion_key  text,            -- Idempotency-Key of the (first) complete command
@@ -163,7 +163,7 @@ CREATE TABLE journal_lines (
     account         text     NOT NULL,
     side            text     NOT NULL CHECK (side IN ('debit', 'credit')),
     amount          bigint   NOT NULL CHECK (amount > 0),
-    currency        char(3)  NOT NULL,
+    currency        text  NOT NULL,
     PRIMARY KEY (organization_id, entry_id, line_no),
     FOREIGN KEY (organization_id, entry_id) REFERENCES journal_entries,
     FOREIGN KEY (organization_id, account) REFERENCES accounts
@@ -265,7 +265,7 @@ CREATE TABLE fake_processor_charges (
     id              text        NOT NULL,
     idempotency_key text        NOT NULL,
     amount          bigint      NOT NULL CHECK (amount > 0),
-    currency        char(3)     NOT NULL,
+    currency        text     NOT NULL,
     token           text        NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (organization_id, id),

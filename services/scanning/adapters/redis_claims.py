@@ -46,13 +46,22 @@ class AdmissionClaims:
             return [None] * len(keys)
         return [decode_admission(v) for v in values]
 
-    async def claim(self, admissions: Sequence[tuple[UUID, str, Admission]]) -> None:
-        """Record authority-confirmed admissions (``SET NX EX``: the first one stays)."""
-        if not admissions or self._store is None or not self._breaker.closed:
+    async def claim(
+        self,
+        admissions: Sequence[tuple[UUID, str, Admission]],
+        replaced: Sequence[tuple[UUID, str, Admission]] = (),
+    ) -> None:
+        """Record authority-confirmed admissions (``SET NX EX``: the first one stays), and
+        overwrite the ones the authority moved to an earlier offline scan."""
+        if not (admissions or replaced) or self._store is None or not self._breaker.closed:
             return
         try:
             await self._store.claim_many(
                 [(claim_key(org, code), encode_admission(a)) for org, code, a in admissions],
+                self._window,
+            )
+            await self._store.set_many(
+                [(claim_key(org, code), encode_admission(a)) for org, code, a in replaced],
                 self._window,
             )
         except RedisUnavailable as exc:

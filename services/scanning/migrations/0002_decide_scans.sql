@@ -167,7 +167,7 @@ BEGIN
         v_out := v_out || jsonb_build_object(
             'i', s->'i', 'scan_id', v_scan_id, 'result', v_result, 'reason', v_reason,
             'ticket_type', v_type, 'first_at', v_first_at, 'first_gate', v_first_gate,
-            'conflict', v_conflict, 'replayed', false, 'reentry', v_reentry);
+            'conflict', v_conflict, 'replayed', false, 'reentry', v_reentry, 'swap', v_swap);
         v_envelopes := v_envelopes || jsonb_build_object(
             'event_id', uuidv7(),
             'type', CASE WHEN v_result = 'accepted' THEN 'scan.accepted' ELSE 'scan.rejected' END,

@@ -1,0 +1,100 @@
+"""Offline sync: applied in scanned_at order, idempotent per (device, nonce), conflicts flagged,
+nothing dropped, occupancy matching the scans."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+
+def _scan(v, code, at, *, nonce=None, gate="A", direction="entry", device_result="accepted"):
+    return {"event_id": str(v.event_id), "ticket_code": code, "direction": direction, "gate": gate,
+            "nonce": nonce or uuid.uuid4().hex, "scanned_at": at.isoformat(), "device_result": device_result}
+
+
+async def test_same_ticket_admitted_offline_at_two_gates(venue_factory):
+    v = await venue_factory(tickets=1)
+    code = v.tickets[0]
+    t0 = datetime.now(UTC) - timedelta(minutes=10)
+    # uploaded later-first, from two devices: the earlier scan still wins
+    later = await v.sync([_scan(v, code, t0 + timedelta(minutes=2), gate="South", nonce="s1")], dev=2)
+    earlier = await v.sync([_scan(v, code, t0, gate="North", nonce="n1")], dev=1)
+    assert (earlier[0]["result"], earlier[0]["conflict"]) == ("accepted", False)
+    assert earlier[0]["first_gate"] == "North"
+    conn = await asyncpg.connect(v.admin_dsn)
+    try:
+        rows = await conn.fetch("SELECT gate, result, conflict FROM scanning.scans WHERE organization_id = $1 "
+                                "ORDER BY scanned_at", v.org)
+        assert [tuple(r) for r in rows] == [("North", "accepted", False), ("South", "accepted", True)]
+        assert later[0]["scan_id"] != earlier[0]["scan_id"]
+    finally:
+        await conn.close()
+    occ = await v.occupancy()
+    assert (occ["inside"], occ["entries"]) == (1, 1)
+    # online, the ticket is admitted at North
+    d = await v.scan(code, dev=3)
+    assert (d.reason, d.first_gate) == ("already_admitted", "North")
+
+
+async def test_batch_applied_in_scanned_at_order_with_one_result_per_scan(venue_factory):
+    v = await venue_factory(tickets=3, reentry=True)
+    a, b, c = v.tickets
+    t0 = datetime.now(UTC) - timedelta(minutes=30)
+    scans = [  # uploaded out of order on purpose
+        _scan(v, a, t0 + timedelta(minutes=5), direction="exit", nonce="a-out"),
+        _scan(v, a, t0, nonce="a-in"),
+        _scan(v, b, t0 + timedelta(minutes=1), nonce="b-in"),
+        _scan(v, b, t0 + timedelta(minutes=2), nonce="b-in-again", gate="B"),  # conflict: inside
+        _scan(v, c, t0 + timedelta(minutes=3), direction="exit", nonce="c-out"),  # never entered
+        _scan(v, "TKT-forged", t0, nonce="forged"),
+        _scan(v, c, t0 + timedelta(minutes=4), nonce="c-turned-away", device_result="rejected"),
+    ]
+    results = await v.sync(scans)
+    assert [r["nonce"] for r in results] == [s["nonce"] for s in scans]
+    got = {r["nonce"]: (r["result"], r["reason"], r["conflict"]) for r in results}
+    assert got == {
+        "a-in": ("accepted", None, False),
+        "a-out": ("accepted", None, False),
+        "b-in": ("accepted", None, False),
+        "b-in-again": ("rejected", "already_admitted", True),
+        "c-out": ("rejected", "not_inside", True),
+        "forged": ("rejected", "unknown_ticket", True),
+        "c-turned-away": ("rejected", None, False),
+    }
+    occ = await v.occupancy()
+    assert (occ["inside"], occ["entries"], occ["exits"]) == (1, 2, 1)
+
+
+async def test_reupload_changes_nothing(venue_factory):
+    v = await venue_factory(tickets=50)
+    t0 = datetime.now(UTC) - timedelta(minutes=20)
+    scans = [_scan(v, code, t0 + timedelta(seconds=n)) for n, code in enumerate(v.tickets)]
+    first = await v.sync(scans)
+    before = await v.occupancy()
+    again = await v.sync(scans)
+    assert [r["scan_id"] for r in again] == [r["scan_id"] for r in first]
+    assert all(r["replayed"] for r in again) and not any(r["replayed"] for r in first)
+    assert {r["result"] for r in again} == {"accepted"}
+    after = await v.occupancy()
+    assert (after["inside"], after["entries"]) == (before["inside"], before["entries"]) == (50, 50)
+    conn = await asyncpg.connect(v.admin_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM scanning.scans WHERE organization_id = $1", v.org) == 50
+    finally:
+        await conn.close()
+
+
+async def test_large_batch_is_one_result_per_scan(venue_factory):
+    v = await venue_factory(tickets=500)
+    t0 = datetime.now(UTC) - timedelta(hours=1)
+    scans = [_scan(v, code, t0 + timedelta(milliseconds=n)) for n, code in enumerate(v.tickets)]
+    scans += [_scan(v, code, t0 + timedelta(minutes=30, milliseconds=n), gate="B")
+              for n, code in enumerate(v.tickets[:100])]
+    results = await v.sync(scans, dev=9)
+    assert len(results) == 600
+    assert sum(r["result"] == "accepted" for r in results) == 500
+    assert sum(r["conflict"] for r in results) == 100
+    occ = await v.occupancy()
+    assert (occ["inside"], occ["entries"]) == (500, 500)
