@@ -27,11 +27,14 @@ class RedisUnavailable(Unavailable):
 class RedisStore:
     """Async Redis access with the operations the platform needs and nothing else."""
 
-    def __init__(self, url: str, *, timeout: float = 0.05) -> None:
+    def __init__(self, url: str, *, timeout: float = 0.1, connect_timeout: float = 1.0) -> None:
+        # a short operation timeout keeps a hanging Redis from stalling callers; connecting
+        # gets longer because a burst of new connections on a busy host is slow, not broken
         self._client = aioredis.from_url(
             url,
             socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            socket_connect_timeout=connect_timeout,
+            max_connections=64,
             decode_responses=True,
             health_check_interval=0,
             retry_on_timeout=False,

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     consumer_max_deliver: int = 5
     consumer_backoff_seconds: str = "0.2,1,5,15"
     outbox_batch_size: int = 500
-    redis_timeout_seconds: float = 0.05
+    redis_timeout_seconds: float = 0.1
     command_timeout_seconds: float = 2.0
 
     @property

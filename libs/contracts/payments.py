@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Annotated, ClassVar, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, Field
+from pydantic import AwareDatetime, BaseModel, Field
 
 from libs.contracts import Command, EventData, Reply
 from libs.contracts.catalog import TicketTypeInfo
@@ -95,13 +95,13 @@ class CreateEvent(Command):
     """Create an event with its ticket types (``POST /v1/events``; owner/admin)."""
 
     name: str = Field(min_length=1, max_length=200)
-    starts_at: datetime
-    ends_at: datetime
+    starts_at: AwareDatetime
+    ends_at: AwareDatetime
     capacity: int = Field(ge=0, le=10_000_000)
     reentry_allowed: bool = False
     zones: list[str] = Field(default_factory=list)
-    valid_from: datetime | None = None
-    valid_until: datetime | None = None
+    valid_from: AwareDatetime | None = None
+    valid_until: AwareDatetime | None = None
     ticket_types: list[TicketTypeSpec] = Field(min_length=1, max_length=100)
     idempotency_key: str | None = Field(
         default=None, min_length=1, max_length=200,

@@ -1,24 +1,94 @@
 """Audit: one hash-chained record per mutation event, per tenant (design §4.3).
 
-The one place that wires this service: real adapters for a running process, fakes for unit
-tests. Commands are registered on ``runtime.router``, consumers with ``runtime.add_consumer``.
+The one place that wires this service: the PostgreSQL audit log, the durable consumer of every
+event (``vge.evt.>``, in batches), the query and verify commands, and the lag gauges.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
+from typing import Sequence
 
+from libs.context import CommandContext
+from libs.contracts.audit import AuditChainVerified, AuditRecords, QueryAudit, VerifyAuditChain
+from libs.envelope import Envelope
+from libs.errors import InvalidInput
 from libs.runtime import ServiceRuntime, configure_service_logging
 from libs.settings import Settings, get_settings
+from services.audit import handlers
+from services.audit.adapters.jetstream import watch_consumer_lag
+from services.audit.adapters.postgres import PostgresAuditLog
+
+__all__ = ["SERVICE", "DURABLE", "build", "main"]
 
 SERVICE = "audit"
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+DURABLE = "audit"
+"""The durable consumer every audit instance shares (JetStream splits the events among them)."""
+
+BATCH = 500  # events per fetch and per transaction at most: throughput without long locks
+# An instance that dies holding a batch gets it redelivered to the others after this long;
+# a batch takes milliseconds, so a few seconds is plenty and keeps a crash's delay short.
+ACK_WAIT_SECONDS = 5.0
+LAG_POLL_SECONDS = 2.0
 
 
 def build(settings: Settings) -> ServiceRuntime:
     """The audit service's runtime with its commands and consumers registered."""
     runtime = ServiceRuntime(SERVICE, settings, migrations_dir=MIGRATIONS)
+    store: PostgresAuditLog | None = None
+    watcher: asyncio.Task[None] | None = None
+
+    def audit_log() -> PostgresAuditLog:
+        if store is None:
+            raise RuntimeError("the audit log is used before the runtime started")
+        return store
+
+    async def open_audit_log() -> None:
+        nonlocal store, watcher
+        assert runtime.pool is not None and runtime.js is not None
+        store = PostgresAuditLog(runtime.pool)
+        watcher = asyncio.create_task(
+            watch_consumer_lag(runtime.js, DURABLE, LAG_POLL_SECONDS), name="audit-consumer-lag"
+        )
+
+    async def stop_watching() -> None:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    runtime.on_start(open_audit_log)
+    runtime.on_stop(stop_watching)
+
+    @runtime.router.command("query", QueryAudit, AuditRecords)
+    async def query(ctx: CommandContext, request: QueryAudit) -> AuditRecords:
+        """Read a tenant's audit records by resource, actor, action, time or correlation id."""
+        return await handlers.query(audit_log(), ctx, request)
+
+    @runtime.router.command("verify", VerifyAuditChain, AuditChainVerified)
+    async def verify(ctx: CommandContext, request: VerifyAuditChain) -> AuditChainVerified:
+        """Walk a tenant's hash chain and report the first broken link or gap."""
+        return await handlers.verify(audit_log(), ctx, request)
+
+    async def record_one(envelope: Envelope) -> None:
+        await handlers.ingest(audit_log(), [envelope])
+
+    async def record_batch(envelopes: Sequence[Envelope]) -> None:
+        await handlers.ingest(audit_log(), envelopes)
+
+    runtime.add_consumer(
+        DURABLE,
+        record_one,
+        batch_handler=record_batch,
+        batch=BATCH,
+        ack_wait=ACK_WAIT_SECONDS,
+        # an event the domain refuses will be refused on every retry: dead-letter it at once
+        permanent_errors=(InvalidInput,),
+    )
     return runtime
 
 

@@ -192,6 +192,10 @@ def entry_from_envelope(envelope: Envelope) -> Entry:
     if not envelope.correlation_id:
         raise InvalidInput("event has no correlation id")
     change = strip_secrets(envelope.data)
+    try:
+        canonical_json(change)
+    except ValueError as exc:  # NaN or infinity: JSON cannot say it, so no hash can cover it
+        raise InvalidInput(f"event data cannot be recorded: {exc}") from None
     resource_type, resource_id = resource_of(envelope.type, envelope.data)
     return Entry(
         organization_id=envelope.org_id,

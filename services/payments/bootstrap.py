@@ -1,24 +1,105 @@
 """Payments: catalog, holds, checkout saga, double-entry ledger, tickets, refunds (design §6).
 
-The one place that wires this service: real adapters for a running process, fakes for unit
-tests. Commands are registered on ``runtime.router``, consumers with ``runtime.add_consumer``.
+The one place that wires this service: the PostgreSQL store, the payment processor (the fake
+one for now: local runs and tests), fault injection (off unless a test asks), the saga, the
+background sweep, and the commands on ``runtime.router``. On start it resumes every unfinished
+saga before serving commands.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
+from libs.db import service_dsn
 from libs.runtime import ServiceRuntime, configure_service_logging
 from libs.settings import Settings, get_settings
+from services.payments.adapters.faults import SagaFaults
+from services.payments.adapters.postgres import PaymentsStore
+from services.payments.adapters.processor import FakeProcessor, PaymentProcessor
+from services.payments.config import PaymentsSettings
+from services.payments.handlers import register_commands
+from services.payments.jobs import Sweeper
+from services.payments.saga import SERVICE, CheckoutSaga
 
-SERVICE = "payments"
+__all__ = ["build", "main", "SERVICE", "MIGRATIONS"]
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def build(settings: Settings) -> ServiceRuntime:
-    """The payments service's runtime with its commands and consumers registered."""
-    runtime = ServiceRuntime(SERVICE, settings, migrations_dir=MIGRATIONS)
+def _setting(name: str, explicit: Any, settings: Settings, own: PaymentsSettings) -> Any:
+    # explicit argument > the shared Settings (once it has the field) > VGE_ env via own model
+    if explicit is not None:
+        return explicit
+    shared = getattr(settings, name, None)
+    return shared if shared is not None else getattr(own, name)
+
+
+def build(
+    settings: Settings,
+    *,
+    hold_ttl_seconds: float | None = None,
+    sweep_interval_seconds: float | None = None,
+    platform_fee_bps: int | None = None,
+    processor: PaymentProcessor | None = None,
+    crash_after: str | None = None,
+    resume_idle_seconds: float = 10.0,
+    charge_grace_seconds: float = 30.0,
+) -> ServiceRuntime:
+    """The payments service's runtime with its commands and background work registered.
+
+    Keyword arguments override the environment (tests use them; see ``config.PaymentsSettings``
+    for the ``VGE_`` variables). ``processor`` replaces the fake processor.
+    """
+    own = PaymentsSettings()
+    ttl = float(_setting("hold_ttl_seconds", hold_ttl_seconds, settings, own))
+    interval = float(_setting("hold_sweep_interval_seconds", sweep_interval_seconds, settings, own))
+    fee_bps = int(_setting("platform_fee_bps", platform_fee_bps, settings, own))
+    crash = _setting("payments_crash_after", crash_after, settings, own)
+    if settings.environment == "prod":
+        crash = None  # a test switch must never kill production
+
+    # Payments keeps nothing in Redis: its health does not depend on it.
+    runtime = ServiceRuntime(SERVICE, settings, migrations_dir=MIGRATIONS, uses_redis=False)
+    store = PaymentsStore()
+    fake = FakeProcessor() if processor is None else None
+    saga = CheckoutSaga(
+        store,
+        processor or fake,  # type: ignore[arg-type]
+        # tok_fail_after_charge belongs to the fake processor's vocabulary (design §7)
+        SagaFaults(fail_after_charge_token=fake is not None, crash_after=crash),
+        platform_fee_bps=fee_bps,
+        charge_grace_seconds=charge_grace_seconds,
+    )
+    sweeper = Sweeper(
+        store, saga, interval_seconds=interval, resume_idle_seconds=resume_idle_seconds
+    )
+    register_commands(runtime.router, store, saga, hold_ttl_seconds=ttl)
+
+    async def started() -> None:
+        assert runtime.pool is not None and settings.database_url
+        store.attach(runtime.pool)
+        if fake is not None:
+            await fake.open(
+                settings.service_database_url
+                or service_dsn(settings.database_url, SERVICE, settings.db_role_password)
+            )
+        # design §6: a restart resumes every unfinished saga before taking new work
+        await sweeper.resume_unfinished(idle_seconds=0)
+        await sweeper.expire_due()
+        sweeper.start()
+        runtime.log.info("payments_ready", hold_ttl_seconds=ttl, sweep_interval_seconds=interval,
+                         processor="fake" if fake else type(processor).__name__,
+                         crash_after=crash)  # fmt: skip
+
+    async def stopping() -> None:
+        await sweeper.stop()
+        if fake is not None:
+            await fake.close()
+
+    runtime.on_start(started)
+    runtime.on_stop(stopping)
     return runtime
 
 

@@ -15,7 +15,7 @@ from uuid import UUID
 
 import asyncpg
 
-from libs.db import CONNECTION_ERRORS, tenant_transaction
+from libs.db import CONNECTION_ERRORS, create_pool, tenant_transaction
 from services.payments.domain.money import Money
 
 __all__ = [
@@ -110,8 +110,26 @@ class FakeProcessor:
     refunds" with the ledger's receivable across process restarts.
     """
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def __init__(self, pool: asyncpg.Pool | None = None) -> None:
+        self._pool_or_none = pool
+        self._owns_pool = False
+
+    async def open(self, dsn: str, *, schema: str = "payments") -> None:
+        """Connect its own small pool (it must not compete with the saga for connections)."""
+        self._pool_or_none = await create_pool(dsn, schema=schema, min_size=1, max_size=8)
+        self._owns_pool = True
+
+    async def close(self) -> None:
+        """Close the pool opened by ``open``."""
+        if self._owns_pool and self._pool_or_none is not None:
+            await self._pool_or_none.close()
+        self._pool_or_none = None
+
+    @property
+    def _pool(self) -> asyncpg.Pool:
+        if self._pool_or_none is None:
+            raise RuntimeError("FakeProcessor used before open()")
+        return self._pool_or_none
 
     async def charge(
         self, merchant: UUID, idempotency_key: str, amount: Money, token: str

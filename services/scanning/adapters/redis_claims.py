@@ -77,5 +77,6 @@ class AdmissionClaims:
             self._down(exc)
 
     def _down(self, exc: Exception) -> None:
-        log.warning("redis_unavailable_scans_go_to_postgres", error=str(exc))
+        if self._breaker.closed:  # log the transition, not every scan in flight
+            log.warning("redis_unavailable_scans_go_to_postgres", error=str(exc))
         self._breaker.failed()

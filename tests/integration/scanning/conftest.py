@@ -121,8 +121,8 @@ async def seed(nc, commands, admin_dsn):
     js = nc.jetstream()
     await ensure_streams(js)
 
-    async def make(**kwargs: Any) -> Venue:
-        return await seed_venue(js, commands, admin_dsn, **kwargs)
+    async def make(*, database_url: str | None = None, **kwargs: Any) -> Venue:
+        return await seed_venue(js, commands, database_url or admin_dsn, **kwargs)
 
     return make
 

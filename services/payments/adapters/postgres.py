@@ -1,0 +1,630 @@
+"""Payments' SQL: catalog, inventory holds, checkouts, tickets and the ledger (asyncpg).
+
+Every tenant read or write runs in a tenant-scoped transaction (row-level security, the tenant
+set with ``SET LOCAL``). Two things reach across tenants, and only to find work, never to
+change it: the hold-expiry sweep and the saga resumer list the ids of due checkouts in a
+read-only transaction; each change then happens in that checkout's own tenant transaction.
+
+A running saga holds a PostgreSQL session advisory lock on its checkout for as long as it runs
+(:meth:`PaymentsStore.saga_session`): replicas and the resumer never drive one checkout at the
+same time, and a crashed process's lock disappears with its connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from libs.actor import Actor
+from libs.db import tenant_transaction
+from services.payments.domain.checkout import (
+    CheckoutStatus,
+    FailureReason,
+    ensure_transition,
+)
+from services.payments.domain.ledger import (
+    CHART_OF_ACCOUNTS,
+    JournalEntry,
+    JournalLine,
+    ReferenceType,
+    Side,
+)
+from services.payments.domain.money import Money
+
+__all__ = [
+    "PaymentsStore",
+    "SagaSession",
+    "CheckoutRecord",
+    "HeldItem",
+    "TicketTypeRow",
+    "EventRow",
+    "SoldOut",
+    "UnknownTicketType",
+    "LostRace",
+]
+
+
+class SoldOut(Exception):
+    """Not enough tickets of a type are left for a hold."""
+
+    def __init__(self, ticket_type: str, available: int) -> None:
+        super().__init__(f"ticket type {ticket_type} has {available} left")
+        self.ticket_type = ticket_type
+        self.available = available
+
+
+class UnknownTicketType(Exception):
+    """A checkout named a ticket type its event does not have."""
+
+    def __init__(self, ticket_type: str) -> None:
+        super().__init__(f"no ticket type {ticket_type!r} in this event")
+        self.ticket_type = ticket_type
+
+
+class LostRace(Exception):
+    """A conditional state change found the checkout in another state than expected."""
+
+
+@dataclass(frozen=True, slots=True)
+class TicketTypeRow:
+    """A ticket type as stored, with its live stock."""
+
+    ticket_type_id: UUID
+    code: str
+    name: str
+    price: Money
+    quantity: int
+    held: int
+    sold: int
+    zones: tuple[str, ...]
+
+    @property
+    def available(self) -> int:
+        """What can still be held."""
+        return self.quantity - self.held - self.sold
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """An event as stored."""
+
+    event_id: UUID
+    name: str
+    starts_at: datetime
+    ends_at: datetime
+    valid_from: datetime | None
+    valid_until: datetime | None
+    capacity: int
+    reentry_allowed: bool
+    zones: tuple[str, ...]
+    ticket_types: tuple[TicketTypeRow, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HeldItem:
+    """One hold of a checkout: how many of which type, at which price."""
+
+    ticket_type_id: UUID
+    ticket_type: str
+    quantity: int
+    unit_price: Money
+    state: str = "active"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutRecord:
+    """A checkout row and its holds: the saga's persisted state."""
+
+    organization_id: UUID
+    checkout_id: UUID
+    event_id: UUID
+    status: CheckoutStatus
+    total: Money
+    expires_at: datetime
+    completion_key: str | None
+    charge_id: str | None
+    refund_id: str | None
+    failure_reason: FailureReason | None
+    completion: dict[str, Any] | None
+    refund: dict[str, Any] | None
+    actor: Actor | None
+    correlation_id: str | None
+    causation_id: str | None
+    items: tuple[HeldItem, ...]
+
+
+_CHECKOUT_SELECT = """
+SELECT c.organization_id, c.id, c.event_id, c.status, c.total, c.currency, c.expires_at,
+       c.completion_key, c.charge_id, c.refund_id, c.failure_reason, c.completion, c.refund,
+       c.actor, c.correlation_id, c.causation_id,
+       (SELECT coalesce(json_agg(json_build_object(
+                   'ticket_type_id', h.ticket_type_id, 'ticket_type', h.ticket_type,
+                   'quantity', h.quantity, 'unit_price', h.unit_price, 'state', h.state)
+                   ORDER BY h.ticket_type), '[]'::json)
+          FROM holds h
+         WHERE h.organization_id = c.organization_id AND h.checkout_id = c.id) AS items
+  FROM checkouts c
+"""
+
+
+def _checkout(row: asyncpg.Record) -> CheckoutRecord:
+    currency = row["currency"]
+    return CheckoutRecord(
+        organization_id=row["organization_id"],
+        checkout_id=row["id"],
+        event_id=row["event_id"],
+        status=CheckoutStatus(row["status"]),
+        total=Money(row["total"], currency),
+        expires_at=row["expires_at"],
+        completion_key=row["completion_key"],
+        charge_id=row["charge_id"],
+        refund_id=row["refund_id"],
+        failure_reason=FailureReason(row["failure_reason"]) if row["failure_reason"] else None,
+        completion=row["completion"],
+        refund=row["refund"],
+        actor=Actor.model_validate(row["actor"]) if row["actor"] else None,
+        correlation_id=row["correlation_id"],
+        causation_id=row["causation_id"],
+        items=tuple(
+            HeldItem(
+                ticket_type_id=UUID(i["ticket_type_id"]),
+                ticket_type=i["ticket_type"],
+                quantity=i["quantity"],
+                unit_price=Money(i["unit_price"], currency),
+                state=i["state"],
+            )
+            for i in row["items"]
+        ),
+    )
+
+
+class SagaSession:
+    """One connection holding a checkout's saga lock; its transactions are tenant-scoped."""
+
+    def __init__(self, conn: asyncpg.Connection, org_id: UUID) -> None:
+        self.conn = conn
+        self.org_id = org_id
+
+    @asynccontextmanager
+    async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A tenant transaction on the locked connection."""
+        async with self.conn.transaction(readonly=readonly):
+            await self.conn.execute("SELECT set_config('vge.org_id', $1, true)", str(self.org_id))
+            yield self.conn
+
+
+class PaymentsStore:
+    """The SQL of the payments service. Methods taking ``conn`` run inside the caller's
+    (tenant-scoped) transaction; the others open their own."""
+
+    def __init__(self, pool: asyncpg.Pool | None = None) -> None:
+        self._pool = pool
+
+    def attach(self, pool: asyncpg.Pool) -> None:
+        """Use ``pool`` (the runtime's, which exists only once the service has started)."""
+        self._pool = pool
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The service's connection pool."""
+        if self._pool is None:
+            raise RuntimeError("PaymentsStore used before the service started")
+        return self._pool
+
+    # -- transactions and locks -------------------------------------------------------------
+
+    def transaction(self, org_id: UUID, *, readonly: bool = False):
+        """A tenant-scoped transaction (``libs.db.tenant_transaction``)."""
+        return tenant_transaction(self.pool, org_id, readonly=readonly)
+
+    @asynccontextmanager
+    async def saga_session(self, org_id: UUID, checkout_id: UUID) -> AsyncIterator[SagaSession | None]:
+        """Hold the checkout's saga lock for the block; yields None if another runner has it."""
+        async with self.pool.acquire() as conn:
+            key = f"vge.payments.checkout:{checkout_id}"
+            if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", key):
+                yield None
+                return
+            try:
+                yield SagaSession(conn, org_id)
+            finally:
+                if not conn.is_closed():
+                    # (the pool's reset would also drop it; unlock now so a waiter goes on)
+                    await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+
+    # -- catalog ----------------------------------------------------------------------------
+
+    async def ensure_chart(self, conn: asyncpg.Connection, org_id: UUID) -> None:
+        """Give the tenant its chart of accounts (once)."""
+        await conn.executemany(
+            "INSERT INTO accounts (organization_id, code, name, kind) VALUES ($1, $2, $3, $4) "
+            "ON CONFLICT DO NOTHING",
+            [(org_id, str(code), name, str(kind)) for code, (name, kind) in CHART_OF_ACCOUNTS.items()],
+        )
+
+    async def event_id_by_key(self, conn: asyncpg.Connection, key: str) -> UUID | None:
+        """The event created with idempotency key ``key``, if any."""
+        return await conn.fetchval("SELECT id FROM events WHERE idempotency_key = $1", key)
+
+    async def insert_event(
+        self, conn: asyncpg.Connection, org_id: UUID, event: EventRow, idempotency_key: str | None
+    ) -> None:
+        """Store a new event and its ticket types."""
+        await conn.execute(
+            "INSERT INTO events (organization_id, id, name, starts_at, ends_at, valid_from, "
+            "valid_until, capacity, reentry_allowed, zones, idempotency_key) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            org_id, event.event_id, event.name, event.starts_at, event.ends_at, event.valid_from,
+            event.valid_until, event.capacity, event.reentry_allowed, list(event.zones),
+            idempotency_key,
+        )  # fmt: skip
+        await conn.executemany(
+            "INSERT INTO ticket_types (organization_id, id, event_id, code, name, price, "
+            "currency, quantity, zones) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            [
+                (org_id, t.ticket_type_id, event.event_id, t.code, t.name, t.price.amount,
+                 t.price.currency, t.quantity, list(t.zones))
+                for t in event.ticket_types
+            ],
+        )  # fmt: skip
+
+    async def load_event(self, conn: asyncpg.Connection, event_id: UUID) -> EventRow | None:
+        """An event of the current tenant with its ticket types' live stock."""
+        row = await conn.fetchrow("SELECT * FROM events WHERE id = $1", event_id)
+        if row is None:
+            return None
+        types = await conn.fetch(
+            "SELECT * FROM ticket_types WHERE event_id = $1 ORDER BY code", event_id
+        )
+        return EventRow(
+            event_id=row["id"],
+            name=row["name"],
+            starts_at=row["starts_at"],
+            ends_at=row["ends_at"],
+            valid_from=row["valid_from"],
+            valid_until=row["valid_until"],
+            capacity=row["capacity"],
+            reentry_allowed=row["reentry_allowed"],
+            zones=tuple(row["zones"]),
+            ticket_types=tuple(
+                TicketTypeRow(
+                    ticket_type_id=t["id"], code=t["code"], name=t["name"],
+                    price=Money(t["price"], t["currency"]), quantity=t["quantity"],
+                    held=t["held"], sold=t["sold"], zones=tuple(t["zones"]),
+                )  # fmt: skip
+                for t in types
+            ),
+        )
+
+    # -- holds and checkouts ----------------------------------------------------------------
+
+    async def checkout_id_by_create_key(self, conn: asyncpg.Connection, key: str) -> UUID | None:
+        """The checkout created with idempotency key ``key``, if any."""
+        return await conn.fetchval("SELECT id FROM checkouts WHERE create_key = $1", key)
+
+    async def hold(
+        self, conn: asyncpg.Connection, event_id: UUID, wanted: Sequence[tuple[str, int]]
+    ) -> list[HeldItem]:
+        """Reserve ``quantity`` of each ticket type (by code) of the event, or raise
+        ``SoldOut``/``UnknownTicketType`` (the caller's transaction then rolls back every hold).
+
+        Each reservation is one conditional UPDATE: the row lock serialises concurrent
+        checkouts on a type, on every replica, and the condition re-checks the stock under
+        that lock, so two buyers can never take the same last ticket. Types are locked in id
+        order so two multi-type checkouts cannot deadlock.
+        """
+        codes = [code for code, _ in wanted]
+        types = {
+            r["code"]: r
+            for r in await conn.fetch(
+                "SELECT id, code, price, currency FROM ticket_types "
+                "WHERE event_id = $1 AND code = ANY($2::text[])",
+                event_id, codes,
+            )  # fmt: skip
+        }
+        for code in codes:
+            if code not in types:
+                raise UnknownTicketType(code)
+        held: list[HeldItem] = []
+        for code, quantity in sorted(wanted, key=lambda w: types[w[0]]["id"]):
+            t = types[code]
+            ok = await conn.fetchval(
+                "UPDATE ticket_types SET held = held + $2 "
+                "WHERE id = $1 AND sold + held + $2 <= quantity RETURNING 1",
+                t["id"], quantity,
+            )  # fmt: skip
+            if ok is None:
+                available = await conn.fetchval(
+                    "SELECT quantity - sold - held FROM ticket_types WHERE id = $1", t["id"]
+                )
+                raise SoldOut(code, max(0, available or 0))
+            held.append(HeldItem(t["id"], code, quantity, Money(t["price"], t["currency"])))
+        return held
+
+    async def insert_checkout(
+        self,
+        conn: asyncpg.Connection,
+        org_id: UUID,
+        checkout_id: UUID,
+        event_id: UUID,
+        customer_email: str,
+        total: Money,
+        ttl_seconds: float,
+        items: Sequence[HeldItem],
+        create_key: str | None,
+    ) -> datetime:
+        """Store a pending checkout and its holds; returns when they expire (database clock,
+        the same clock the expiry sweep compares with)."""
+        expires_at = await conn.fetchval(
+            "INSERT INTO checkouts (organization_id, id, event_id, customer_email, status, total, "
+            "currency, expires_at, create_key) "
+            "VALUES ($1, $2, $3, $4, 'pending', $5, $6, now() + make_interval(secs => $7), $8) "
+            "RETURNING expires_at",
+            org_id, checkout_id, event_id, customer_email, total.amount, total.currency,
+            float(ttl_seconds), create_key,
+        )  # fmt: skip
+        await conn.execute(
+            "INSERT INTO holds (organization_id, checkout_id, ticket_type_id, ticket_type, "
+            "quantity, unit_price, expires_at) "
+            "SELECT $1, $2, t.id, t.code, t.qty, t.price, $3 "
+            "FROM unnest($4::uuid[], $5::text[], $6::int[], $7::bigint[]) AS t(id, code, qty, price)",
+            org_id, checkout_id, expires_at,
+            [i.ticket_type_id for i in items], [i.ticket_type for i in items],
+            [i.quantity for i in items], [i.unit_price.amount for i in items],
+        )  # fmt: skip
+        return expires_at
+
+    async def load_checkout(self, conn: asyncpg.Connection, checkout_id: UUID) -> CheckoutRecord | None:
+        """A checkout of the current tenant with its holds, or None."""
+        row = await conn.fetchrow(_CHECKOUT_SELECT + " WHERE c.id = $1", checkout_id)
+        return None if row is None else _checkout(row)
+
+    async def claim_for_completion(
+        self,
+        conn: asyncpg.Connection,
+        checkout_id: UUID,
+        completion_key: str,
+        actor: Actor,
+        correlation_id: str,
+        causation_id: str | None,
+    ) -> bool:
+        """pending -> charging, recording the Idempotency-Key and who completes it, if the
+        checkout is still pending and its holds have not lapsed (database clock)."""
+        ensure_transition(CheckoutStatus.PENDING, CheckoutStatus.CHARGING)
+        done = await conn.fetchval(
+            "UPDATE checkouts SET status = 'charging', completion_key = $2, actor = $3, "
+            "correlation_id = $4, causation_id = $5, updated_at = now() "
+            "WHERE id = $1 AND status = 'pending' AND completion_key IS NULL "
+            "AND expires_at > now() RETURNING 1",
+            checkout_id, completion_key, actor.model_dump(mode="json"), correlation_id,
+            causation_id,
+        )  # fmt: skip
+        return done is not None
+
+    async def claim_for_refund(
+        self, conn: asyncpg.Connection, checkout_id: UUID, actor: Actor, correlation_id: str,
+        causation_id: str | None,
+    ) -> bool:
+        """completed -> refunding, recording who refunds it."""
+        ensure_transition(CheckoutStatus.COMPLETED, CheckoutStatus.REFUNDING)
+        done = await conn.fetchval(
+            "UPDATE checkouts SET status = 'refunding', actor = $2, correlation_id = $3, "
+            "causation_id = $4, updated_at = now() "
+            "WHERE id = $1 AND status = 'completed' RETURNING 1",
+            checkout_id, actor.model_dump(mode="json"), correlation_id, causation_id,
+        )  # fmt: skip
+        return done is not None
+
+    async def move(
+        self,
+        conn: asyncpg.Connection,
+        checkout: CheckoutRecord,
+        new: CheckoutStatus,
+        **fields: Any,
+    ) -> None:
+        """Move ``checkout`` from its current status to ``new`` (and set ``fields``), or raise
+        ``LostRace`` if someone else moved it first."""
+        ensure_transition(checkout.status, new)
+        assignments = ["status = $3", "updated_at = now()"]
+        values: list[Any] = []
+        for i, (column, value) in enumerate(fields.items(), start=4):
+            if column not in _MOVABLE_COLUMNS:
+                raise ValueError(f"checkouts.{column} is not set by a saga step")
+            assignments.append(f"{column} = ${i}")
+            values.append(value)
+        done = await conn.fetchval(
+            f"UPDATE checkouts SET {', '.join(assignments)} "
+            "WHERE id = $1 AND status = $2 RETURNING 1",
+            checkout.checkout_id, str(checkout.status), str(new), *values,
+        )  # fmt: skip
+        if done is None:
+            raise LostRace(f"checkout {checkout.checkout_id} is no longer {checkout.status}")
+
+    async def release_holds(self, conn: asyncpg.Connection, checkout: CheckoutRecord) -> None:
+        """Give the checkout's active holds back to the stock."""
+        await conn.execute(
+            "WITH released AS ("
+            "  UPDATE holds SET state = 'released' "
+            "  WHERE checkout_id = $1 AND state = 'active' "
+            "  RETURNING ticket_type_id, quantity) "
+            "UPDATE ticket_types t SET held = t.held - r.quantity "
+            "FROM released r WHERE t.id = r.ticket_type_id",
+            checkout.checkout_id,
+        )
+
+    async def issue_tickets(
+        self,
+        conn: asyncpg.Connection,
+        checkout: CheckoutRecord,
+        tickets: Sequence[tuple[str, HeldItem]],
+    ) -> datetime:
+        """Store ``(code, item)`` tickets and turn the holds into sales; returns issue time."""
+        issued_at = await conn.fetchval(
+            "INSERT INTO tickets (organization_id, code, event_id, ticket_type_id, ticket_type, "
+            "checkout_id) "
+            "SELECT $1, t.code, $2, t.type_id, t.type_code, $3 "
+            "FROM unnest($4::text[], $5::uuid[], $6::text[]) AS t(code, type_id, type_code) "
+            "RETURNING issued_at",
+            checkout.organization_id, checkout.event_id, checkout.checkout_id,
+            [code for code, _ in tickets], [i.ticket_type_id for _, i in tickets],
+            [i.ticket_type for _, i in tickets],
+        )  # fmt: skip
+        await conn.execute(
+            "WITH consumed AS ("
+            "  UPDATE holds SET state = 'consumed' "
+            "  WHERE checkout_id = $1 AND state = 'active' "
+            "  RETURNING ticket_type_id, quantity) "
+            "UPDATE ticket_types t SET held = t.held - c.quantity, sold = t.sold + c.quantity "
+            "FROM consumed c WHERE t.id = c.ticket_type_id",
+            checkout.checkout_id,
+        )
+        return issued_at
+
+    async def tickets_of(self, conn: asyncpg.Connection, checkout_id: UUID) -> list[tuple[str, str, str]]:
+        """(code, ticket type, status) of a checkout's tickets."""
+        rows = await conn.fetch(
+            "SELECT code, ticket_type, status FROM tickets WHERE checkout_id = $1 "
+            "ORDER BY ticket_type, code",
+            checkout_id,
+        )
+        return [(r["code"], r["ticket_type"], r["status"]) for r in rows]
+
+    async def cancel_tickets(self, conn: asyncpg.Connection, checkout: CheckoutRecord) -> tuple[list[str], datetime]:
+        """Cancel a checkout's tickets and put them back on sale; returns (codes, when)."""
+        rows = await conn.fetch(
+            "UPDATE tickets SET status = 'cancelled', cancelled_at = now() "
+            "WHERE checkout_id = $1 AND status = 'issued' RETURNING code, ticket_type_id, cancelled_at",
+            checkout.checkout_id,
+        )
+        if rows:
+            await conn.execute(
+                "UPDATE ticket_types t SET sold = t.sold - c.n "
+                "FROM (SELECT unnest($1::uuid[]) AS id, count(*) AS n GROUP BY 1) c "
+                "WHERE t.id = c.id",
+                [r["ticket_type_id"] for r in rows],
+            )
+        when = rows[0]["cancelled_at"] if rows else await conn.fetchval("SELECT now()")
+        return sorted(r["code"] for r in rows), when
+
+    # -- ledger -----------------------------------------------------------------------------
+
+    async def post(self, conn: asyncpg.Connection, org_id: UUID, entry: JournalEntry) -> datetime:
+        """Insert a journal entry and its lines; the database checks the balance at commit."""
+        posted_at = await conn.fetchval(
+            "INSERT INTO journal_entries (organization_id, id, reference_type, reference_id, "
+            "reverses_entry_id, description) VALUES ($1, $2, $3, $4, $5, $6) RETURNING posted_at",
+            org_id, entry.entry_id, entry.reference_type, entry.reference_id,
+            entry.reverses_entry_id, entry.description,
+        )  # fmt: skip
+        await conn.execute(
+            "INSERT INTO journal_lines (organization_id, entry_id, line_no, account, side, "
+            "amount, currency) "
+            "SELECT $1, $2, l.n, l.account, l.side, l.amount, l.currency "
+            "FROM unnest($3::smallint[], $4::text[], $5::text[], $6::bigint[], $7::text[]) "
+            "AS l(n, account, side, amount, currency)",
+            org_id, entry.entry_id,
+            list(range(1, len(entry.lines) + 1)), [str(l.account) for l in entry.lines],
+            [str(l.side) for l in entry.lines], [l.amount.amount for l in entry.lines],
+            [l.amount.currency for l in entry.lines],
+        )  # fmt: skip
+        return posted_at
+
+    async def entry_for(
+        self, conn: asyncpg.Connection, reference_type: ReferenceType, reference_id: UUID
+    ) -> JournalEntry | None:
+        """The entry recorded for a reference (at most one per type and reference)."""
+        rows = await conn.fetch(
+            "SELECT e.id, e.description, e.reverses_entry_id, l.account, l.side, l.amount, "
+            "l.currency FROM journal_entries e "
+            "JOIN journal_lines l ON l.organization_id = e.organization_id AND l.entry_id = e.id "
+            "WHERE e.reference_type = $1 AND e.reference_id = $2 ORDER BY l.line_no",
+            reference_type, reference_id,
+        )  # fmt: skip
+        if not rows:
+            return None
+        return JournalEntry(
+            entry_id=rows[0]["id"],
+            reference_type=reference_type,
+            reference_id=reference_id,
+            description=rows[0]["description"],
+            reverses_entry_id=rows[0]["reverses_entry_id"],
+            lines=tuple(
+                JournalLine(r["account"], Side(r["side"]), Money(r["amount"], r["currency"]))
+                for r in rows
+            ),
+        )
+
+    async def balances(self, conn: asyncpg.Connection) -> list[tuple[str, str, int, int]]:
+        """(account, currency, debit total, credit total) of every used account."""
+        rows = await conn.fetch(
+            "SELECT account, currency, "
+            "coalesce(sum(amount) FILTER (WHERE side = 'debit'), 0) AS debit, "
+            "coalesce(sum(amount) FILTER (WHERE side = 'credit'), 0) AS credit "
+            "FROM journal_lines GROUP BY account, currency ORDER BY account, currency"
+        )
+        return [(r["account"], r["currency"], int(r["debit"]), int(r["credit"])) for r in rows]
+
+    # -- background work --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _work_scan(self) -> AsyncIterator[asyncpg.Connection]:
+        # Finding due work spans tenants: a read-only transaction under the platform-read
+        # policy (SELECT only). It returns ids; every change is made per tenant afterwards.
+        async with self.pool.acquire() as conn:
+            async with conn.transaction(readonly=True):
+                await conn.execute("SELECT set_config('vge.platform_read', 'on', true)")
+                yield conn
+
+    async def due_expiries(self, limit: int) -> list[tuple[UUID, UUID]]:
+        """(tenant, checkout) of pending checkouts whose holds have lapsed."""
+        async with self._work_scan() as conn:
+            rows = await conn.fetch(
+                "SELECT organization_id, id FROM checkouts "
+                "WHERE status = 'pending' AND expires_at <= now() ORDER BY expires_at LIMIT $1",
+                limit,
+            )
+        return [(r["organization_id"], r["id"]) for r in rows]
+
+    async def unfinished_sagas(self, idle_seconds: float, limit: int) -> list[tuple[UUID, UUID]]:
+        """(tenant, checkout) of sagas in an unfinished state, untouched for ``idle_seconds``."""
+        async with self._work_scan() as conn:
+            rows = await conn.fetch(
+                "SELECT organization_id, id FROM checkouts "
+                "WHERE status IN ('charging', 'charged', 'posted', 'compensating', 'refunding') "
+                "AND updated_at <= now() - make_interval(secs => $1) ORDER BY updated_at LIMIT $2",
+                float(idle_seconds), limit,
+            )  # fmt: skip
+        return [(r["organization_id"], r["id"]) for r in rows]
+
+    async def lock_expired(
+        self, conn: asyncpg.Connection, checkout_ids: Iterable[UUID]
+    ) -> list[CheckoutRecord]:
+        """Lock the still-pending, lapsed checkouts among ``checkout_ids``; rows another
+        replica is already expiring (or a buyer is completing) are skipped, not waited for."""
+        rows = await conn.fetch(
+            _CHECKOUT_SELECT + " WHERE c.id = ANY($1::uuid[]) AND c.status = 'pending' "
+            "AND c.expires_at <= now() FOR UPDATE OF c SKIP LOCKED",
+            list(checkout_ids),
+        )
+        return [_checkout(r) for r in rows]
+
+    async def seconds_since_update(self, conn: asyncpg.Connection, checkout_id: UUID) -> float:
+        """How long ago the checkout last changed (database clock)."""
+        return float(
+            await conn.fetchval(
+                "SELECT extract(epoch FROM now() - updated_at) FROM checkouts WHERE id = $1",
+                checkout_id,
+            )
+        )
+
+
+_MOVABLE_COLUMNS = frozenset(
+    {"charge_id", "refund_id", "failure_reason", "completion", "refund"}
+)
+

@@ -1,0 +1,176 @@
+"""Events through the outbox (exactly one scan.accepted per accepted scan, also across a
+SIGKILL), coalesced occupancy.changed, and the degraded modes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+import nats
+import pytest
+
+from libs.contracts.scanning import ScanAccepted
+from libs.envelope import Envelope
+from libs.errors import Unavailable
+from libs.servers import PostgresServer, free_port
+from libs.subjects import EVENTS_STREAM
+from services.scanning.bootstrap import build
+
+
+async def _events(js, subject: str, expect: int | None = None, timeout: float = 20.0) -> list[Envelope]:
+    """Every event on ``subject`` (waits until ``expect`` are there)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        sub = await js.pull_subscribe(subject, stream=EVENTS_STREAM)
+        out: list[Envelope] = []
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(500, timeout=0.3)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    break
+                out += [Envelope.from_bytes(m.data) for m in msgs]
+        finally:
+            await sub.unsubscribe()
+        if expect is None or len(out) >= expect or asyncio.get_running_loop().time() > deadline:
+            return out
+        await asyncio.sleep(0.2)
+
+
+async def test_every_accepted_scan_has_exactly_one_event(venue_factory, nc):
+    v = await venue_factory(tickets=20)
+    decisions = await asyncio.gather(*(v.scan(code, dev=n) for n, code in enumerate(v.tickets * 2)))
+    accepted = {d.scan_id for d in decisions if d.result == "accepted"}
+    assert len(accepted) == 20
+    events = await _events(nc.jetstream(), f"vge.evt.{v.org}.scanning.scan.accepted", expect=20)
+    await asyncio.sleep(0.3)
+    events = await _events(nc.jetstream(), f"vge.evt.{v.org}.scanning.scan.accepted")
+    assert sorted(str(ScanAccepted.from_envelope(e).scan_id) for e in events) == sorted(map(str, accepted))
+    rejected = await _events(nc.jetstream(), f"vge.evt.{v.org}.scanning.scan.rejected", expect=20)
+    assert len(rejected) == 20
+    e = events[0]
+    assert e.actor.type == "device" and e.actor.organization_id == v.org
+    assert e.correlation_id.startswith("corr-") and e.org_id == v.org
+
+
+async def test_occupancy_changed_is_coalesced(venue_factory, nc):
+    v = await venue_factory(tickets=300)
+    await asyncio.gather(*(v.scan(code, dev=n % 30) for n, code in enumerate(v.tickets)))
+    js = nc.jetstream()
+    subject = f"vge.evt.{v.org}.scanning.occupancy.changed"
+
+    async def latest_inside() -> int:
+        evs = await _events(js, subject)
+        return max((e.data["version"], e.data["inside"]) for e in evs)[1] if evs else -1
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while await latest_inside() != 300:
+        assert asyncio.get_running_loop().time() < deadline, "latest occupancy never published"
+        await asyncio.sleep(0.1)
+    events = await _events(js, subject)
+    assert 1 <= len(events) < 100  # coalesced: far fewer events than scans
+    assert all(e.data["capacity"] == 1000 for e in events)
+
+
+async def test_postgres_down_is_unavailable_never_accepted(start_service, seed, tmp_path: Path, server_urls):
+    pg = PostgresServer(tmp_path / "pg", fsync=False).start()
+    try:
+        await start_service(build, database_url=pg.url)
+        v = await seed(tickets=2, database_url=pg.url)  # this instance's own database
+        assert (await v.scan(v.tickets[0])).result == "accepted"
+        pg.stop()
+        with pytest.raises(Unavailable):
+            await v.scan(v.tickets[1])
+        with pytest.raises(Unavailable):
+            await v.occupancy()
+        pg.start()
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:  # the pool reconnects; the scan was never admitted, so it is admitted now
+            try:
+                d = await v.scan(v.tickets[1])
+                break
+            except Unavailable:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.2)
+        assert d.result == "accepted"
+    finally:
+        pg.stop()
+
+
+def _spawn(server_urls, context_keys) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VGE_")}
+    env.update(VGE_NATS_URL=server_urls["nats_url"], VGE_DATABASE_URL=server_urls["database_url"],
+               VGE_REDIS_URL=server_urls["redis_url"], VGE_CONTEXT_PUBLIC_KEYS=context_keys[1],
+               VGE_HEALTH_PORT=str(port), VGE_LOG_LEVEL="WARNING")
+    return subprocess.Popen([sys.executable, "-m", "services.scanning"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port
+
+
+async def _healthy(port: int, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with httpx.AsyncClient() as client:
+        while True:
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert asyncio.get_running_loop().time() < deadline, "service did not come up"
+            await asyncio.sleep(0.1)
+
+
+async def test_sigkill_mid_load_loses_and_duplicates_no_event(seed, nc, server_urls, context_keys, admin_dsn):
+    proc, port = _spawn(server_urls, context_keys)
+    try:
+        await _healthy(port)
+        v = await seed(tickets=600)
+        replies: list = []
+
+        async def device(n: int) -> None:
+            for code in v.tickets[n::16]:
+                try:
+                    replies.append(await v.scan(code, dev=n))
+                except Unavailable:
+                    pass  # the service died under us; the device would retry
+
+        load = asyncio.gather(*(device(n) for n in range(16)))
+        await asyncio.sleep(0.4)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        await load
+        proc, port = _spawn(server_urls, context_keys)
+        await _healthy(port)
+        # devices retry what went unanswered, with new nonces: the authority decides
+        answered = {r.scan_id for r in replies}
+        for code in v.tickets:
+            await v.scan(code, dev=99)
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            accepted = {str(r[0]) for r in await conn.fetch(
+                "SELECT scan_id FROM scanning.scans WHERE organization_id = $1 AND result = 'accepted'", v.org)}
+            unpublished_query = ("SELECT count(*) FROM scanning.outbox WHERE organization_id = $1 "
+                                 "AND published_at IS NULL")
+            deadline = asyncio.get_running_loop().time() + 20
+            while await conn.fetchval(unpublished_query, v.org):
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+        assert len(accepted) == 600  # every ticket admitted exactly once
+        assert {str(r.scan_id) for r in replies if r.result == "accepted"} <= accepted
+        assert answered  # the load really ran before the kill
+        events = await _events(nc.jetstream(), f"vge.evt.{v.org}.scanning.scan.accepted", expect=600)
+        ids = [str(ScanAccepted.from_envelope(e).scan_id) for e in events]
+        assert len(ids) == len(set(ids)) == 600
+        assert set(ids) == accepted
+    finally:
+        proc.kill()
+        proc.wait(10)
