@@ -97,9 +97,10 @@ class EventConsumer:
     stream. The server never gives up by itself (``max_deliver=-1``): giving up is ours, so no
     message is lost without a dead letter, also when a handler crashed the process.
 
-    Optional, both off by default: ``batch_handler`` (see the module docstring) and
-    ``permanent_errors``, exception types that can never succeed on a retry (e.g. an event the
-    handler refuses as invalid); those are dead-lettered at the first failure.
+    Optional, both off by default: ``batch_handler`` (see the module docstring; ``concurrency``
+    is then the number of batches in flight, so one batch's I/O overlaps the next one's work)
+    and ``permanent_errors``, exception types that can never succeed on a retry (e.g. an event
+    the handler refuses as invalid); those are dead-lettered at the first failure.
     """
 
     def __init__(
@@ -163,6 +164,9 @@ class EventConsumer:
             self._sub = None
 
     async def _run(self) -> None:
+        if self._batch_handler is not None and self._concurrency > 1:
+            await self._run_batches_in_flight()
+            return
         assert self._sub is not None
         sem = asyncio.Semaphore(self._concurrency)
         while True:
@@ -188,6 +192,46 @@ class EventConsumer:
                         await self.handle(m)
 
                 await asyncio.gather(*(one(m) for m in msgs))
+
+    async def _run_batches_in_flight(self) -> None:
+        """Fetch the next batch while earlier ones are still being handled (up to
+        ``concurrency`` at once); on stop, let the ones in flight finish."""
+        assert self._sub is not None
+        slots = asyncio.Semaphore(self._concurrency)
+        in_flight: set[asyncio.Task[None]] = set()
+
+        async def handle_then_release(msgs: list[Msg]) -> None:
+            try:
+                await self.handle_batch(msgs)
+            finally:
+                slots.release()
+
+        try:
+            while True:
+                # a slot first: never hold fetched messages we cannot start on (ack wait runs)
+                await slots.acquire()
+                try:
+                    msgs = await self._sub.fetch(self._batch, timeout=1.0)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    slots.release()
+                    continue
+                except asyncio.CancelledError:
+                    slots.release()
+                    raise
+                except Exception as exc:  # noqa: BLE001 - NATS down or reconnecting: wait, go on
+                    slots.release()
+                    log.warning("consumer_fetch_failed", consumer=self.durable, error=repr(exc))
+                    await asyncio.sleep(0.5)
+                    continue
+                task = asyncio.create_task(handle_then_release(msgs))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        finally:
+            if in_flight:
+                # shielded: stop() cancels us, but a batch mid-transaction should commit and ack
+                _, pending = await asyncio.shield(asyncio.wait(set(in_flight), timeout=10.0))
+                for task in pending:
+                    task.cancel()
 
     async def handle(self, msg: Msg) -> None:
         """Handle one delivery: ack, nak with backoff, or dead-letter. Never raises."""

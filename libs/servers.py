@@ -56,6 +56,7 @@ __all__ = [
 log = get_logger(__name__)
 
 HOST = "127.0.0.1"
+NATS_MAX_PAYLOAD = 8 * 1024 * 1024
 URL_KEYS = ("nats_url", "database_url", "redis_url")
 
 # Linux sun_path is 108 bytes including the terminating NUL.
@@ -500,6 +501,11 @@ class NatsServer(_ManagedServer):
         ]  # fmt: skip
         if self.config_file:
             cmd += ["-c", str(self.config_file)]
+        else:
+            # an offline batch of 10,000 scans is a few MB: raise the 1 MB default payload limit
+            default_conf = self.data_dir / "nats.conf"
+            default_conf.write_text(f"max_payload: {NATS_MAX_PAYLOAD}\n")
+            cmd += ["-c", str(default_conf)]
         return cmd
 
     def _probe(self) -> bool:

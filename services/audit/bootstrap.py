@@ -30,6 +30,8 @@ DURABLE = "audit"
 """The durable consumer every audit instance shares (JetStream splits the events among them)."""
 
 BATCH = 500  # events per fetch and per transaction at most: throughput without long locks
+# Batches in flight per instance: while one waits for its commit, the next is fetched and hashed.
+BATCHES_IN_FLIGHT = 2
 # An instance that dies holding a batch gets it redelivered to the others after this long;
 # a batch takes milliseconds, so a few seconds is plenty and keeps a crash's delay short.
 ACK_WAIT_SECONDS = 5.0
@@ -85,6 +87,7 @@ def build(settings: Settings) -> ServiceRuntime:
         record_one,
         batch_handler=record_batch,
         batch=BATCH,
+        concurrency=BATCHES_IN_FLIGHT,
         ack_wait=ACK_WAIT_SECONDS,
         # an event the domain refuses will be refused on every retry: dead-letter it at once
         permanent_errors=(InvalidInput,),

@@ -4,6 +4,7 @@ store or the saga, and shape the reply. Nothing else lives here."""
 from __future__ import annotations
 
 from collections import Counter as Tally
+from dataclasses import replace
 from uuid import UUID
 
 import asyncpg
@@ -29,7 +30,7 @@ from libs.contracts.payments import (
     RefundCheckout,
     TicketTypeView,
 )
-from libs.envelope import new_id
+from libs.envelope import new_id, utcnow
 from libs.errors import Conflict, InvalidInput, NotFound
 from libs.outbox import add_events
 from libs.policy import Action, Resource, authorize
@@ -42,7 +43,7 @@ from services.payments.adapters.postgres import (
     UnknownTicketType,
 )
 from services.payments.domain.catalog import CatalogRuleBroken, TicketTypeRule, check_event
-from services.payments.domain.checkout import PricedItem, price_items
+from services.payments.domain.checkout import PricedItem, hold_expires_at, price_items
 from services.payments.domain.money import CurrencyMismatch, Money
 from services.payments.saga import SERVICE, CheckoutSaga
 
@@ -113,7 +114,7 @@ def register_commands(
             reentry_allowed=req.reentry_allowed, zones=tuple(req.zones),
             ticket_types=tuple(
                 TicketTypeRow(new_id(), t.code, t.name, Money(t.price, t.currency), t.quantity,
-                              0, 0, tuple(t.zones))  # fmt: skip
+                              0, tuple(t.zones))  # fmt: skip
                 for t in req.ticket_types
             ),
         )  # fmt: skip
@@ -158,27 +159,31 @@ def register_commands(
                     if existing is not None:
                         return _checkout_view(await store.load_checkout(conn, existing))  # type: ignore[arg-type]
                 try:
-                    held = await store.hold(conn, req.event_id, sorted(wanted.items()))
+                    types = await store.ticket_types_for(conn, req.event_id, sorted(wanted))
                 except UnknownTicketType as exc:
                     if await store.load_event(conn, req.event_id) is None:
                         raise NotFound(f"event {req.event_id} not found") from exc
                     raise InvalidInput(str(exc), ticket_type=exc.ticket_type) from exc
+                items = [replace(t, quantity=wanted[t.ticket_type]) for t in types]
                 try:
-                    total = price_items([PricedItem(h.ticket_type, h.quantity, h.unit_price) for h in held])
+                    total = price_items([PricedItem(i.ticket_type, i.quantity, i.unit_price) for i in items])
                 except CurrencyMismatch as exc:
                     raise InvalidInput(str(exc)) from exc
                 checkout_id = new_id()
-                expires_at = await store.insert_checkout(
-                    conn, org, checkout_id, req.event_id, req.customer_email, total,
-                    hold_ttl_seconds, held, req.idempotency_key,
+                expires_at = hold_expires_at(utcnow(), hold_ttl_seconds)
+                lines = [CheckoutItem(ticket_type=i.ticket_type, quantity=i.quantity) for i in items]
+                await store.insert_checkout(
+                    conn, org, checkout_id, req.event_id, req.customer_email, total, expires_at,
+                    items, req.idempotency_key,
                 )  # fmt: skip
-                items = [CheckoutItem(ticket_type=h.ticket_type, quantity=h.quantity) for h in held]
                 await add_events(conn, SERVICE, [
                     CheckoutCreated(
-                        checkout_id=checkout_id, event_id=req.event_id, items=items,
+                        checkout_id=checkout_id, event_id=req.event_id, items=lines,
                         total=total.amount, currency=total.currency, expires_at=expires_at,
                     ).envelope(org, ctx.actor, ctx.correlation_id, ctx.message_id)
                 ])  # fmt: skip
+                # last, so a popular type's row stays locked only until the COMMIT right after
+                await store.hold(conn, items)
         except SoldOut as exc:
             raise Conflict(
                 f"sold out: {exc}", reason="sold_out", ticket_type=exc.ticket_type,
@@ -192,7 +197,7 @@ def register_commands(
                 return _checkout_view(await store.load_checkout(conn, existing))  # type: ignore[arg-type]
         return CheckoutView(
             checkout_id=checkout_id, event_id=req.event_id, total=total.amount,
-            currency=total.currency, expires_at=expires_at, status="pending", items=items,
+            currency=total.currency, expires_at=expires_at, status="pending", items=lines,
         )  # fmt: skip
 
     @router.command("complete_checkout", CompleteCheckout, CheckoutCompletion)

@@ -17,6 +17,7 @@ from prometheus_client import Counter
 
 from libs.actor import Actor
 from libs.contracts.payments import CheckoutExpired
+from libs.envelope import utcnow
 from libs.log import get_logger
 from libs.outbox import add_events
 from services.payments.adapters.postgres import PaymentsStore
@@ -64,7 +65,7 @@ class Sweeper:
             actor = Actor.system("payments.hold-expiry", org_id)
             async with self.store.transaction(org_id) as conn:
                 checkouts = await self.store.lock_expired(conn, ids)
-                when = await conn.fetchval("SELECT now()")
+                when = utcnow()
                 for c in checkouts:
                     await self.store.release_holds(conn, c)
                     await self.store.move(conn, c, CheckoutStatus.EXPIRED)

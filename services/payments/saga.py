@@ -24,6 +24,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import datetime
 from uuid import UUID
 
 import asyncpg
@@ -42,7 +43,7 @@ from libs.contracts.payments import (
     RefundCompleted,
 )
 from libs.db import CONNECTION_ERRORS
-from libs.envelope import Envelope, new_id
+from libs.envelope import Envelope, new_id, utcnow
 from libs.errors import Conflict, NotFound, Unavailable
 from libs.log import get_logger
 from libs.outbox import add_events
@@ -51,6 +52,7 @@ from services.payments.adapters.postgres import (
     CheckoutRecord,
     LostRace,
     PaymentsStore,
+    SagaBusy,
     SagaSession,
 )
 from services.payments.adapters.processor import (
@@ -91,7 +93,7 @@ def _processor_key(checkout_id: UUID) -> str:
     return f"checkout:{checkout_id}"
 
 
-def _entry_event(entry: JournalEntry, posted_at) -> LedgerEntryPosted:  # noqa: ANN001
+def _entry_event(entry: JournalEntry, posted_at: datetime) -> LedgerEntryPosted:
     return LedgerEntryPosted(
         entry_id=entry.entry_id,
         reference_type=entry.reference_type,
@@ -145,44 +147,44 @@ class CheckoutSaga:
     ) -> CheckoutCompletion:
         """Pay for a pending checkout and issue its tickets; a repeat with the same
         Idempotency-Key returns the first result and charges nothing more."""
-        async with self._locked(org_id, checkout_id) as session:
-            claimed = False
-            try:
-                async with session.transaction() as conn:
-                    c = await self.store.load_checkout(conn, checkout_id)
-                    if c is None:
-                        raise NotFound(f"checkout {checkout_id} not found")
-                    if c.completion_key is None:
-                        if c.status is not _S.PENDING:
-                            raise Conflict(f"checkout is {c.status}", reason=str(c.status))
-                        if not await self.store.claim_for_completion(
-                            conn, checkout_id, idempotency_key, actor, correlation_id, causation_id
-                        ):  # the holds lapsed (database clock)
-                            raise Conflict("checkout expired; its tickets were released",
-                                           reason="expired")  # fmt: skip
-                        claimed = True
-                        c = replace(c, status=_S.CHARGING, completion_key=idempotency_key,
-                                    actor=actor, correlation_id=correlation_id,
-                                    causation_id=causation_id)  # fmt: skip
-                    elif c.completion_key != idempotency_key:
+        claimed = False
+        try:
+            async with self._locked(org_id, checkout_id) as (session, c):
+                if c.completion_key is None:
+                    if c.status is not _S.PENDING:
+                        raise Conflict(f"checkout is {c.status}", reason=str(c.status))
+                    if not await self.store.claim_for_completion(
+                        session.conn, checkout_id, idempotency_key, actor, correlation_id,
+                        causation_id,
+                    ):  # the holds lapsed (database clock)
+                        raise Conflict("checkout expired; its tickets were released",
+                                       reason="expired")  # fmt: skip
+                    await session.commit()
+                    claimed = True
+                    c = replace(c, status=_S.CHARGING, completion_key=idempotency_key,
+                                actor=actor, correlation_id=correlation_id,
+                                causation_id=causation_id)  # fmt: skip
+                else:
+                    await session.commit()
+                    if c.completion_key != idempotency_key:
                         raise Conflict(
                             "checkout is already completed or being completed with another "
                             "Idempotency-Key", reason="already_completing",
                         )  # fmt: skip
-            except asyncpg.UniqueViolationError as exc:
-                raise Conflict(
-                    "this Idempotency-Key was used for another checkout",
-                    reason="idempotency_key_reused",
-                ) from exc
-            if c.completion is not None:  # a repeat: the first result
-                return CheckoutCompletion.model_validate(c.completion)
-            if claimed:
-                self.faults.after("charging")
-            c = await self._drive_or_wait(session, c, payment_token)
-            if c.completion is None:
-                raise Unavailable("completion is still in progress; retry with the same "
-                                  "Idempotency-Key", reason="in_progress")  # fmt: skip
-            return CheckoutCompletion.model_validate(c.completion)
+                if c.completion is not None:  # a repeat: the first result
+                    return CheckoutCompletion.model_validate(c.completion)
+                if claimed:
+                    self.faults.after("charging")
+                c = await self._drive_or_wait(session, c, payment_token)
+        except asyncpg.UniqueViolationError as exc:
+            raise Conflict(
+                "this Idempotency-Key was used for another checkout",
+                reason="idempotency_key_reused",
+            ) from exc
+        if c.completion is None:
+            raise Unavailable("completion is still in progress; retry with the same "
+                              "Idempotency-Key", reason="in_progress")  # fmt: skip
+        return CheckoutCompletion.model_validate(c.completion)
 
     async def refund(
         self,
@@ -195,36 +197,36 @@ class CheckoutSaga:
     ) -> CheckoutRefund:
         """Refund a completed checkout in whole and cancel its tickets; a repeat returns the
         same refund."""
-        async with self._locked(org_id, checkout_id) as session:
-            async with session.transaction() as conn:
-                c = await self.store.load_checkout(conn, checkout_id)
-                if c is None:
-                    raise NotFound(f"checkout {checkout_id} not found")
-                if c.status is _S.COMPLETED:
-                    await self.store.claim_for_refund(
-                        conn, checkout_id, actor, correlation_id, causation_id
-                    )
-                    c = replace(c, status=_S.REFUNDING, actor=actor,
-                                correlation_id=correlation_id, causation_id=causation_id)  # fmt: skip
-                elif c.status not in (_S.REFUNDING, _S.REFUNDED):
-                    raise Conflict(
-                        f"only a completed checkout can be refunded; this one is {c.status}",
-                        reason="not_refundable", status=str(c.status),
-                    )  # fmt: skip
+        async with self._locked(org_id, checkout_id) as (session, c):
+            if c.status is _S.COMPLETED:
+                await self.store.claim_for_refund(
+                    session.conn, checkout_id, actor, correlation_id, causation_id
+                )
+                await session.commit()
+                c = replace(c, status=_S.REFUNDING, actor=actor,
+                            correlation_id=correlation_id, causation_id=causation_id)  # fmt: skip
+            else:
+                await session.commit()
+            if c.status not in (_S.REFUNDING, _S.REFUNDED):
+                raise Conflict(
+                    f"only a completed checkout can be refunded; this one is {c.status}",
+                    reason="not_refundable", status=str(c.status),
+                )  # fmt: skip
             if c.status is _S.REFUNDING:
                 c = await self._drive_or_wait(session, c, None)
-            if c.refund is None:
-                raise Unavailable("refund is still in progress; retry", reason="in_progress")
-            return CheckoutRefund.model_validate(c.refund)
+        if c.refund is None:
+            raise Unavailable("refund is still in progress; retry", reason="in_progress")
+        return CheckoutRefund.model_validate(c.refund)
 
     async def resume(self, org_id: UUID, checkout_id: UUID) -> CheckoutStatus | None:
         """Carry an interrupted saga on from its persisted state; None if another runner holds
         it (or it cannot go on yet)."""
         async with self.store.saga_session(org_id, checkout_id) as session:
-            if session is None:
+            try:
+                c = await session.open()
+            except SagaBusy:
                 return None
-            async with session.transaction(readonly=True) as conn:
-                c = await self.store.load_checkout(conn, checkout_id)
+            await session.commit()
             if c is None or next_step(c.status) is SagaStep.NONE:
                 return None if c is None else c.status
             SAGA_RESUMED.inc()
@@ -239,15 +241,25 @@ class CheckoutSaga:
     # -- the loop ---------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _locked(self, org_id: UUID, checkout_id: UUID) -> AsyncIterator[SagaSession]:
-        """The checkout's saga session, waiting up to ``busy_wait_seconds`` for another runner
-        (a concurrent retry, the resumer) to let go."""
+    async def _locked(
+        self, org_id: UUID, checkout_id: UUID
+    ) -> AsyncIterator[tuple[SagaSession, CheckoutRecord]]:
+        """The checkout (``NotFound`` if the tenant has none) with its saga lock held for the
+        block, waiting up to ``busy_wait_seconds`` for another runner (a concurrent retry, the
+        resumer) to let go. The block starts inside the transaction that read the checkout
+        (``session.conn``) and must ``session.commit()`` it before anything else."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.busy_wait_seconds
         while True:
             async with self.store.saga_session(org_id, checkout_id) as session:
-                if session is not None:
-                    yield session
+                try:
+                    c = await session.open()
+                except SagaBusy:
+                    pass
+                else:
+                    if c is None:
+                        raise NotFound(f"checkout {checkout_id} not found")
+                    yield session, c
                     return
             if loop.time() > deadline:
                 raise Unavailable("checkout is busy; retry", reason="in_progress")
@@ -283,7 +295,9 @@ class CheckoutSaga:
             except LostRace:
                 # not expected while we hold the lock; re-read and go on from the truth
                 async with session.transaction(readonly=True) as conn:
-                    c = await self.store.load_checkout(conn, c.checkout_id)  # type: ignore[assignment]
+                    reread = await self.store.load_checkout(conn, c.checkout_id)
+                assert reread is not None
+                c = reread
             except CONNECTION_ERRORS as exc:
                 raise SagaWaiting(f"database unreachable: {exc!r}") from exc
         return c
@@ -340,13 +354,11 @@ class CheckoutSaga:
         try:
             self.faults.before_post(payment_token)
             entry = sale_entry(new_id(), c.checkout_id, c.total, c.total.share_bps(self.platform_fee_bps))
+            posted_at = utcnow()
             async with session.transaction() as conn:
-                events = []
                 if entry is not None:
-                    posted_at = await self.store.post(conn, c.organization_id, entry)
-                    events.append(_entry_event(entry, posted_at))
-                await self.store.move(conn, c, _S.POSTED)
-                await add_events(conn, SERVICE, self._envelopes(c, events))
+                    await add_events(conn, SERVICE, self._envelopes(c, [_entry_event(entry, posted_at)]))
+                await self.store.post_sale(conn, c, entry, posted_at)
         except (InjectedFailure, UnbalancedEntry, asyncpg.PostgresError) as exc:
             if isinstance(exc, CONNECTION_ERRORS):
                 raise
@@ -361,11 +373,10 @@ class CheckoutSaga:
             checkout_id=c.checkout_id, status="completed", tickets=issued,
             total=c.total.amount, currency=c.total.currency,
         ).model_dump(mode="json")  # fmt: skip
+        issued_at = utcnow()
         try:
             async with session.transaction() as conn:
-                issued_at = await self.store.issue_tickets(conn, c, tickets)
-                await self.store.move(conn, c, _S.COMPLETED, completion=completion)
-                events = [
+                events: list = [
                     TicketIssued(ticket_code=code, event_id=c.event_id, ticket_type=item.ticket_type,
                                  checkout_id=c.checkout_id, issued_at=issued_at)  # fmt: skip
                     for code, item in tickets
@@ -378,6 +389,7 @@ class CheckoutSaga:
                     )  # fmt: skip
                 )
                 await add_events(conn, SERVICE, self._envelopes(c, events))
+                await self.store.issue_tickets(conn, c, tickets, issued_at, completion)
         except asyncpg.PostgresError as exc:
             if isinstance(exc, CONNECTION_ERRORS):
                 raise
@@ -423,17 +435,18 @@ class CheckoutSaga:
             checkout_id=c.checkout_id, status="failed", reason=reason.value,
             total=c.total.amount, currency=c.total.currency,
         ).model_dump(mode="json")  # fmt: skip
+        failed_at = utcnow()
         async with session.transaction() as conn:
             events: list = []
             sale = await self.store.entry_for(conn, "checkout", c.checkout_id)
             if sale is not None:
                 reversal = reversal_of(sale, new_id(), "compensation",
                                        f"sale of checkout {c.checkout_id} undone")  # fmt: skip
-                events.append(_entry_event(reversal, await self.store.post(conn, c.organization_id, reversal)))
+                await self.store.post(conn, c.organization_id, reversal, failed_at)
+                events.append(_entry_event(reversal, failed_at))
             await self.store.release_holds(conn, c)
             await self.store.move(conn, c, _S.FAILED, failure_reason=str(reason),
                                   refund_id=refund_id, completion=completion)  # fmt: skip
-            failed_at = await conn.fetchval("SELECT now()")
             events.append(
                 CheckoutFailed(checkout_id=c.checkout_id, event_id=c.event_id, reason=reason.value,
                                charge_refunded=charge_refunded, failed_at=failed_at)  # fmt: skip
@@ -453,13 +466,15 @@ class CheckoutSaga:
             except (ProcessorTimeout, ProcessorUnavailable) as exc:
                 raise SagaWaiting(f"refund not confirmed: {exc!r}") from exc
             refund_id = refund.refund_id
+        cancelled_at = utcnow()
         async with session.transaction() as conn:
             events: list = []
             sale = await self.store.entry_for(conn, "checkout", c.checkout_id)
             if sale is not None:
                 reversal = reversal_of(sale, new_id(), "refund", f"refund of checkout {c.checkout_id}")
-                events.append(_entry_event(reversal, await self.store.post(conn, c.organization_id, reversal)))
-            codes, cancelled_at = await self.store.cancel_tickets(conn, c)
+                await self.store.post(conn, c.organization_id, reversal, cancelled_at)
+                events.append(_entry_event(reversal, cancelled_at))
+            codes = await self.store.cancel_tickets(conn, c, cancelled_at)
             reply = CheckoutRefund(
                 checkout_id=c.checkout_id, refund_id=refund_id, amount=c.total.amount,
                 currency=c.total.currency, cancelled_tickets=codes,

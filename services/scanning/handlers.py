@@ -50,30 +50,18 @@ class AccessControl:
         self.store = store
         self.claims = claims
         self.cache = cache or AdmissionCache()
-        self.batcher = DecisionBatcher(store.decide)
+        self.batcher = DecisionBatcher(self._decide_batch)
 
     async def scan(self, ctx: CommandContext, cmd: ScanTicket) -> ScanDecision:
         """Decide one online scan: tier 1 (this process), tier 2 (Redis), then the authority."""
         org = _tenant(ctx)
         authorize(ctx.actor, Action.SCAN_SUBMIT, Resource("event", org, str(cmd.event_id)))
-        device = ctx.actor.user_id
         nonce = cmd.nonce or f"srv-{uuid.uuid4()}"
         item = self._scan_item(ctx, org, cmd.event_id, cmd.ticket_code, cmd.direction, cmd.gate,
                                cmd.zone, nonce, cmd.scanned_at, cmd.device_event_id)
         if cmd.direction is Direction.ENTRY:
-            known = self.cache.get(org, cmd.ticket_code)
-            if known is None:
-                (known,) = await self.claims.admissions([(org, cmd.ticket_code)])
-                if known is not None:
-                    self.cache.put(org, cmd.ticket_code, known)
-            dup = duplicate_of(known, event_id=cmd.event_id, direction=cmd.direction,
-                               device_id=device, nonce=nonce)
-            if dup is not None:
-                # a known duplicate: still recorded by the authority, without taking the ticket lock
-                item.update(pre="already_admitted", pre_first_at=dup.first_admitted_at.isoformat(),
-                            pre_first_gate=dup.first_gate, pre_ticket_type=dup.ticket_type)
+            self._mark_if_duplicate(item, self.cache.get(org, cmd.ticket_code))  # tier 1
         decision = await self.batcher.submit(org, item)
-        await self._remember([(org, item, decision)])
         return ScanDecision(
             result=decision["result"], reason=decision["reason"], scan_id=decision["scan_id"],
             ticket_type=decision["ticket_type"], first_admitted_at=decision["first_at"],
@@ -133,6 +121,29 @@ class AccessControl:
             await self.claims.release(envelope.org_id, code)
 
     # -- internals ----------------------------------------------------------------------------
+
+    async def _decide_batch(self, org: UUID, now: datetime, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One batch of online scans: tier 2 for the entries tier 1 did not settle (one Redis
+        round trip), then the authority (one PostgreSQL round trip), then feed both tiers."""
+        open_entries = [it for it in items if it["dir"] == "entry" and "pre" not in it]
+        known = await self.claims.admissions([(org, it["code"]) for it in open_entries])
+        for it, admission in zip(open_entries, known):
+            if admission is not None:
+                self.cache.put(org, it["code"], admission)
+                self._mark_if_duplicate(it, admission)
+        decisions = await self.store.decide(org, now, items)
+        by_index = {d["i"]: d for d in decisions}
+        await self._remember([(org, it, by_index[it["i"]]) for it in items])
+        return decisions
+
+    @staticmethod
+    def _mark_if_duplicate(item: dict[str, Any], known: Admission | None) -> None:
+        dup = duplicate_of(known, event_id=UUID(item["event_id"]), direction=Direction(item["dir"]),
+                           device_id=item["device"], nonce=item["nonce"])
+        if dup is not None:
+            # a known duplicate: still recorded by the authority, without taking the ticket lock
+            item.update(pre="already_admitted", pre_first_at=dup.first_admitted_at.isoformat(),
+                        pre_first_gate=dup.first_gate, pre_ticket_type=dup.ticket_type)
 
     @staticmethod
     def _scan_item(

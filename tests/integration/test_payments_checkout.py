@@ -25,8 +25,14 @@ from libs.contracts.payments import (
     RefundCompleted,
 )
 from libs.envelope import Envelope
-from libs.errors import Conflict, Forbidden, InvalidInput, NotFound
+from libs.db import service_dsn
+from libs.errors import Conflict, Forbidden, InvalidInput, NotFound, Unavailable
 from libs.subjects import EVENTS_STREAM
+from services.payments.adapters.processor import (
+    FakeProcessor,
+    ProcessorTimeout,
+    ProcessorUnavailable,
+)
 from services.payments.bootstrap import build
 
 PRICE = 15_000  # R150.00
@@ -134,10 +140,18 @@ async def db(admin_dsn):
 
 
 async def stock(db, event_id: str, code: str = "GA") -> tuple[int, int]:
+    """(held, sold) of a ticket type, from its holds and tickets; checks that the type's
+    reserved counter (what overselling is prevented with) agrees."""
     row = await db.fetchrow(
-        "SELECT held, sold FROM payments.ticket_types WHERE event_id = $1 AND code = $2",
+        "SELECT t.reserved, "
+        " (SELECT coalesce(sum(quantity), 0) FROM payments.holds h "
+        "   WHERE h.ticket_type_id = t.id AND h.state = 'active') AS held, "
+        " (SELECT count(*) FROM payments.tickets k "
+        "   WHERE k.ticket_type_id = t.id AND k.status = 'issued') AS sold "
+        "FROM payments.ticket_types t WHERE t.event_id = $1 AND t.code = $2",
         uuid.UUID(event_id), code,
     )
+    assert row["reserved"] == row["held"] + row["sold"]
     return row["held"], row["sold"]
 
 
@@ -306,6 +320,59 @@ async def test_money_taken_then_failure_is_refunded_and_no_ticket_exists(
     events = await published(nc, org, count_types(checkout__failed=1))
     failed = CheckoutFailed.from_envelope(next(e for e in events if e.type == "checkout.failed"))
     assert (failed.reason, failed.charge_refunded) == (reason, True)
+
+
+class UnreachableLookups:
+    """The fake processor whose answers are lost: every charge times out after taking the
+    money, and the first ``failures`` look-ups cannot reach it either."""
+
+    def __init__(self, fake, failures: int) -> None:
+        self.fake, self.failures = fake, failures
+
+    async def charge(self, merchant, idempotency_key, amount, token):
+        await self.fake.charge(merchant, idempotency_key, amount, token)
+        raise ProcessorTimeout("answer lost")
+
+    async def find_charge(self, merchant, idempotency_key):
+        if self.failures > 0:
+            self.failures -= 1
+            raise ProcessorUnavailable("still unreachable")
+        return await self.fake.find_charge(merchant, idempotency_key)
+
+    async def refund(self, merchant, charge_id, amount):
+        return await self.fake.refund(merchant, charge_id, amount)
+
+
+async def test_processor_unreachable_the_saga_waits_then_the_resumer_settles_it(
+        start_service, platform_settings, pay, org, db):
+    """A timeout whose outcome cannot even be looked up: no guess, the client is told to retry
+    (unavailable), the saga stays in 'charging', and the periodic resumer settles it once the
+    processor answers: the charge is found, so the sale completes, exactly once."""
+    fake = FakeProcessor()
+    try:
+        await start_service(partial(build, processor=UnreachableLookups(fake, failures=3),
+                                    sweep_interval_seconds=0.1, resume_idle_seconds=0.2))
+        # (the service's start created the schema and login role the fake connects with)
+        await fake.open(service_dsn(platform_settings.database_url, "payments",
+                                    platform_settings.db_role_password))
+        event = await pay.event()
+        checkout = await pay.checkout(event["event_id"], quantity=2)
+        with pytest.raises(Unavailable) as pending:
+            await pay.complete(checkout["checkout_id"], key="k-unreachable")
+        assert pending.value.extra["reason"] == "in_progress"
+        checkout_id = uuid.UUID(checkout["checkout_id"])
+
+        async def settled():
+            return await db.fetchval("SELECT status FROM payments.checkouts WHERE id = $1",
+                                     checkout_id) == "completed"
+
+        await eventually(settled, timeout=10)
+        again = await pay.complete(checkout["checkout_id"], key="k-unreachable")
+        assert again["status"] == "completed" and len(again["tickets"]) == 2
+        assert await processor_books(db, org) == (1, 2 * PRICE, 0)
+        assert (await pay.balances())["processor_receivable"]["balance"] == 2 * PRICE
+    finally:
+        await fake.close()
 
 
 async def test_free_tickets_complete_without_a_charge_or_an_entry(payments, pay, org, db):

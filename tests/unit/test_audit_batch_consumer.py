@@ -6,6 +6,7 @@ Fakes stand in for JetStream messages here; the real server is in tests/integrat
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Sequence
@@ -138,3 +139,53 @@ async def test_without_a_batch_handler_nothing_changes() -> None:
     poison = msg(1, poison=True)
     await consumer_.handle(poison)  # type: ignore[arg-type]
     assert poison.outcome == [("nak", 0.1)] and js.published == []
+
+
+class FakeSubscription:
+    """Hands out prepared batches, then times out like an idle pull."""
+
+    def __init__(self, batches: list[list[FakeMsg]]) -> None:
+        self.batches = batches
+
+    async def fetch(self, batch: int, timeout: float) -> list[FakeMsg]:
+        if self.batches:
+            return self.batches.pop(0)
+        await asyncio.sleep(min(timeout, 0.05))
+        raise TimeoutError
+
+    async def unsubscribe(self) -> None:
+        pass
+
+
+async def test_batches_in_flight_are_bounded_and_finish_when_stopped() -> None:
+    active, most, gate = 0, 0, asyncio.Event()
+    seen: list[list[int]] = []
+
+    async def slow_batch(envelopes: Sequence[Envelope]) -> None:
+        nonlocal active, most
+        active += 1
+        most = max(most, active)
+        seen.append([e.data["n"] for e in envelopes])
+        await gate.wait()
+        active -= 1
+
+    batches = [[msg(3 * b + i) for i in range(3)] for b in range(3)]
+    c = EventConsumer(FakeJetStream(), durable="audit", handler=Recorder().single,  # type: ignore[arg-type]
+                      batch_handler=slow_batch, concurrency=2)
+    c._sub = FakeSubscription([list(b) for b in batches])  # type: ignore[assignment]
+    c._task = asyncio.create_task(c._run())
+    for _ in range(100):
+        if len(seen) == 2:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert (len(seen), active) == (2, 2)  # two in flight, the third waits for a slot
+    stopping = asyncio.create_task(c.stop())
+    await asyncio.sleep(0.05)
+    assert not stopping.done()  # stop waits for the batches in flight...
+    gate.set()
+    await stopping
+    assert most == 2
+    # ...which finish and are acked; the third was never fetched (JetStream keeps it)
+    assert [m.outcome for b in batches[:2] for m in b] == [[("ack", None)]] * 6
+    assert len(seen) == 2 and all(m.outcome == [] for m in batches[2])

@@ -21,6 +21,7 @@ from services.audit.domain import (
     entry_from_envelope,
     record_hash,
     resource_of,
+    seal,
     strip_secrets,
     verify_chain,
 )
@@ -41,7 +42,7 @@ def envelope(n: int = 0, type_: str = "scan.accepted", **data: object) -> Envelo
 
 def records(count: int) -> list[Record]:
     entries = [entry_from_envelope(envelope(n)) for n in range(count)]
-    recs, _ = chain(entries, ChainHead(), T0 + timedelta(minutes=1))
+    recs, _ = chain(seal(entries, T0 + timedelta(minutes=1)), ChainHead())
     return recs
 
 
@@ -120,6 +121,19 @@ def test_event_type_must_be_entity_dot_verb(bad_type: str) -> None:
 def test_unrepresentable_numbers_are_refused() -> None:
     with pytest.raises(InvalidInput):
         entry_from_envelope(envelope(x=float("nan")))
+    with pytest.raises(InvalidInput):
+        entry_from_envelope(envelope(x=[{"y": float("inf")}]))
+
+
+def test_what_postgresql_cannot_store_is_refused_not_retried() -> None:
+    with pytest.raises(InvalidInput, match="resource id"):
+        entry_from_envelope(envelope(scan_id="s\x001"))
+    with pytest.raises(InvalidInput, match="correlation_id"):
+        entry_from_envelope(envelope().model_copy(update={"correlation_id": "c\x00"}))
+    with pytest.raises(InvalidInput, match="timezone"):
+        entry_from_envelope(envelope().model_copy(update={"occurred_at": datetime(2025, 1, 1)}))
+    # NUL inside the change is fine: it is stored as JSON text, escaped
+    assert entry_from_envelope(envelope(note="a\x00b")).change["note"] == "a\x00b"
 
 
 # -- hashing ---------------------------------------------------------------------------------
@@ -156,12 +170,12 @@ def test_hash_is_the_same_after_a_storage_round_trip() -> None:
 
 
 def test_chain_links_records_from_the_head() -> None:
-    first, head = chain([entry_from_envelope(envelope(n)) for n in range(3)], ChainHead(), T0)
+    first, head = chain(seal([entry_from_envelope(envelope(n)) for n in range(3)], T0), ChainHead())
     assert [r.seq for r in first] == [1, 2, 3]
     assert first[0].prev_hash == GENESIS_HASH
     assert [r.prev_hash for r in first[1:]] == [r.hash for r in first[:-1]]
     assert head == ChainHead(3, first[-1].hash)
-    more, head2 = chain([entry_from_envelope(envelope(9))], head, T0)
+    more, head2 = chain(seal([entry_from_envelope(envelope(9))], T0), head)
     assert (more[0].seq, more[0].prev_hash) == (4, first[-1].hash)
     assert head2.seq == 4
 

@@ -5,8 +5,10 @@ row, locked ``FOR UPDATE`` by the transaction that appends to it: the next recor
 ``seq = last_seq + 1 ...`` and chain to ``last_hash``, and the head moves in the same
 transaction. Another instance appending to the same tenant waits on the lock and then sees what
 was committed, so an event already recorded (redelivered, or handled by two instances at once)
-is skipped, never chained twice. A batch locks its tenants' heads in sorted order, so two
-instances never wait on each other in a cycle.
+is skipped, never chained twice. A batch locks its tenants' heads in one order (uuid order), so
+two instances never wait on each other in a cycle. Locking and inserting are two SQL functions
+(``migrations/0002_audit_append.sql``) so a batch costs the same four round trips whatever
+number of tenants it holds; both set each tenant with ``SET LOCAL`` before touching its rows.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import asyncpg
 from libs.envelope import Envelope
 from libs.outbox import add_events
 from services.audit.domain import (
-    GENESIS_HASH,
     ChainHead,
     Entry,
     Record,
+    Sealed,
     canonical_json,
     chain,
+    seal,
 )
 
 __all__ = ["PostgresAuditLog", "ChainSnapshot", "RecordFilters", "SERVICE_SCHEMA"]
@@ -42,23 +45,14 @@ _COLUMNS = (
     "actor_type, change, correlation_id, causation_id, occurred_at, recorded_at, prev_hash, hash"
 )
 
-# One statement per tenant and batch: arrays in, one row per element (COPY is refused on tables
-# with row-level security, and one INSERT per row would cost a round trip each).
-_INSERT_RECORDS = f"""
-INSERT INTO records ({_COLUMNS})
-SELECT $1, t.seq, t.event_id, t.action, t.resource_type, t.resource_id, t.user_id, t.actor_org,
-       t.role, t.is_admin, t.is_staff, t.actor_type, t.change::json, t.correlation_id,
-       t.causation_id, t.occurred_at, $2, t.prev_hash, t.hash
-FROM unnest($3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::text[], $8::text[],
-            $9::uuid[], $10::text[], $11::bool[], $12::bool[], $13::text[], $14::text[],
-            $15::text[], $16::text[], $17::timestamptz[], $18::text[], $19::text[])
-     AS t(seq, event_id, action, resource_type, resource_id, user_id, actor_org, role,
-          is_admin, is_staff, actor_type, change, correlation_id, causation_id, occurred_at,
-          prev_hash, hash)
-"""
-
-_LOCK_HEAD = (
-    "SELECT last_seq, last_hash FROM chain_heads WHERE organization_id = $1 FOR UPDATE"
+# Four round trips per batch, whatever its tenants: BEGIN, lock the heads (and learn which
+# events are recorded already), insert and move the heads, COMMIT (migrations/0002_*.sql).
+_LOCK_HEADS = "SELECT head_org, head_seq, head_hash, known FROM lock_chain_heads($1::uuid[], $2::uuid[])"
+_APPEND = (
+    "SELECT append_records($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], "
+    "$6::text[], $7::text[], $8::uuid[], $9::text[], $10::boolean[], $11::boolean[], $12::text[], "
+    "$13::text[], $14::text[], $15::text[], $16::timestamptz[], $17::timestamptz, $18::text[], "
+    "$19::text[], $20::uuid[], $21::bigint[], $22::text[])"
 )
 
 
@@ -148,59 +142,37 @@ class PostgresAuditLog:
         ``publish``: events of the audit service itself, written to its outbox in the same
         transaction.
         """
-        by_tenant: dict[UUID, list[Entry]] = {}
-        seen: set[UUID] = set()
+        unique: dict[UUID, Entry] = {}
         for entry in entries:
-            if entry.event_id not in seen:
-                seen.add(entry.event_id)
-                by_tenant.setdefault(entry.organization_id, []).append(entry)
+            unique.setdefault(entry.event_id, entry)
+        if not unique:
+            return []
+        # the costly part (content digests, column values) before any lock is taken
+        by_tenant: dict[UUID, list[Sealed]] = {}
+        for item in seal(unique.values(), recorded_at):
+            by_tenant.setdefault(item.entry.organization_id, []).append(item)
+        static = {event_id: _static_columns(e) for event_id, e in unique.items()}
         appended: list[Record] = []
+        heads: list[tuple[UUID, int, str]] = []
         async with self._pool.acquire() as conn:
             async with conn.transaction():
-                for org in sorted(by_tenant):  # one lock order for every instance
-                    appended += await self._append_to_tenant(conn, org, by_tenant[org], recorded_at)
+                locked = await conn.fetch(_LOCK_HEADS, list(by_tenant), list(static))
+                for head in locked:
+                    known = set(head["known"])
+                    fresh = [i for i in by_tenant[head["head_org"]] if i.entry.event_id not in known]
+                    if fresh:
+                        records, new = chain(fresh, ChainHead(head["head_seq"], head["head_hash"]))
+                        appended += records
+                        heads.append((head["head_org"], new.seq, new.hash))
+                if appended:
+                    added = await conn.fetchval(
+                        _APPEND, *_record_columns(appended, static), *_head_columns(heads)
+                    )
+                    if added != len(appended):  # cannot happen under the locks; never guess
+                        raise RuntimeError(f"appended {added} of {len(appended)} audit records")
                 if publish:
                     await add_events(conn, SERVICE_SCHEMA, publish)
         return appended
-
-    async def _append_to_tenant(
-        self, conn: asyncpg.Connection, org: UUID, entries: list[Entry], recorded_at: datetime
-    ) -> list[Record]:
-        await conn.execute(_SET_TENANT, str(org))
-        head = await conn.fetchrow(_LOCK_HEAD, org)
-        if head is None:
-            # a new tenant: create its head; of two instances doing this at once, the second
-            # waits for the first and then locks the row the first created
-            await conn.execute(
-                "INSERT INTO chain_heads (organization_id, last_seq, last_hash) "
-                "VALUES ($1, 0, $2) ON CONFLICT (organization_id) DO NOTHING",
-                org,
-                GENESIS_HASH,
-            )
-            head = await conn.fetchrow(_LOCK_HEAD, org)
-            assert head is not None
-        # read after the lock: anything another instance recorded before us is visible now
-        known = {
-            r["event_id"]
-            for r in await conn.fetch(
-                "SELECT event_id FROM records WHERE organization_id = $1 AND event_id = ANY($2::uuid[])",
-                org,
-                [e.event_id for e in entries],
-            )
-        }
-        fresh = [e for e in entries if e.event_id not in known]
-        if not fresh:
-            return []
-        records, new_head = chain(fresh, ChainHead(head["last_seq"], head["last_hash"]), recorded_at)
-        await conn.execute(_INSERT_RECORDS, org, recorded_at, *_columns(records))
-        await conn.execute(
-            "UPDATE chain_heads SET last_seq = $2, last_hash = $3, updated_at = now() "
-            "WHERE organization_id = $1",
-            org,
-            new_head.seq,
-            new_head.hash,
-        )
-        return records
 
     async def query(
         self, org: UUID, filters: RecordFilters, *, after_seq: int, limit: int
@@ -246,30 +218,43 @@ class PostgresAuditLog:
                 yield ChainSnapshot(conn, org, head)
 
 
-def _columns(records: Sequence[Record]) -> list[list[Any]]:
-    """The per-column arrays of ``_INSERT_RECORDS`` ($3 onwards)."""
-    cols: list[list[Any]] = [[] for _ in range(17)]
-    for r in records:
-        e, a = r.entry, r.entry.actor
-        values = (
-            r.seq,
-            e.event_id,
-            e.action,
-            e.resource_type,
-            e.resource_id,
-            a["user_id"],
-            _uuid(a["organization_id"]),
-            a["role"],
-            a["is_platform_admin"],
-            a["is_platform_staff"],
-            a["type"],
-            canonical_json(e.change),
-            e.correlation_id,
-            e.causation_id,
-            e.occurred_at,
-            r.prev_hash,
-            r.hash,
-        )
-        for col, value in zip(cols, values):
-            col.append(value)
-    return cols
+def _static_columns(e: Entry) -> tuple[Any, ...]:
+    """An entry's column values that do not depend on its place in the chain."""
+    a = e.actor
+    return (
+        e.organization_id,
+        e.event_id,
+        e.action,
+        e.resource_type,
+        e.resource_id,
+        a["user_id"],
+        _uuid(a["organization_id"]),
+        a["role"],
+        a["is_platform_admin"],
+        a["is_platform_staff"],
+        a["type"],
+        canonical_json(e.change),
+        e.correlation_id,
+        e.causation_id,
+        e.occurred_at,
+    )
+
+
+def _record_columns(records: Sequence[Record], static: dict[UUID, tuple[Any, ...]]) -> list[Any]:
+    """``append_records`` arguments $1 to $19: one array per column, and ``recorded_at``."""
+    rows = [static[r.entry.event_id] for r in records]
+    (orgs, event_ids, actions, resource_types, resource_ids, user_ids, actor_orgs, roles,
+     admins, staff, actor_types, changes, correlation_ids, causation_ids, occurred) = (
+        list(col) for col in zip(*rows)
+    )
+    return [
+        orgs, [r.seq for r in records], event_ids, actions, resource_types, resource_ids,
+        user_ids, actor_orgs, roles, admins, staff, actor_types, changes, correlation_ids,
+        causation_ids, occurred, records[0].recorded_at, [r.prev_hash for r in records],
+        [r.hash for r in records],
+    ]
+
+
+def _head_columns(heads: Sequence[tuple[UUID, int, str]]) -> list[list[Any]]:
+    """``append_records`` arguments $20 to $22: each tenant's new head."""
+    return [list(col) for col in zip(*heads)]

@@ -1,17 +1,24 @@
 """Payments' SQL: catalog, inventory holds, checkouts, tickets and the ledger (asyncpg).
 
 Every tenant read or write runs in a tenant-scoped transaction (row-level security, the tenant
-set with ``SET LOCAL``). Two things reach across tenants, and only to find work, never to
-change it: the hold-expiry sweep and the saga resumer list the ids of due checkouts in a
-read-only transaction; each change then happens in that checkout's own tenant transaction.
+set with ``SET LOCAL`` so it dies with the transaction). Two things reach across tenants, and
+only to find work, never to change it: the hold-expiry sweep and the saga resumer list the ids
+of due checkouts in a read-only transaction; each change then happens in that checkout's own
+tenant transaction.
 
 A running saga holds a PostgreSQL session advisory lock on its checkout for as long as it runs
 (:meth:`PaymentsStore.saga_session`): replicas and the resumer never drive one checkout at the
 same time, and a crashed process's lock disappears with its connection.
+
+Round trips are the cost of this service (each one is a send, a wake-up of the database and a
+wake-up of this process), so each step is written as few statements as it can be: a
+transaction opens in one round trip, a step's writes are one statement with data-modifying
+CTEs, and a popular ticket type's row is locked by the last statement before COMMIT only.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,7 +29,6 @@ from uuid import UUID
 import asyncpg
 
 from libs.actor import Actor
-from libs.db import tenant_transaction
 from services.payments.domain.checkout import (
     CheckoutStatus,
     FailureReason,
@@ -40,6 +46,7 @@ from services.payments.domain.money import Money
 __all__ = [
     "PaymentsStore",
     "SagaSession",
+    "SagaBusy",
     "CheckoutRecord",
     "HeldItem",
     "TicketTypeRow",
@@ -47,6 +54,7 @@ __all__ = [
     "SoldOut",
     "UnknownTicketType",
     "LostRace",
+    "tenant_tx",
 ]
 
 
@@ -71,6 +79,43 @@ class LostRace(Exception):
     """A conditional state change found the checkout in another state than expected."""
 
 
+class SagaBusy(Exception):
+    """Another runner (a replica, a concurrent retry, the resumer) drives this checkout."""
+
+
+@asynccontextmanager
+async def tenant_tx(
+    conn: asyncpg.Connection, org_id: UUID, *, readonly: bool = False
+) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction in which row-level security shows and accepts only ``org_id``'s rows.
+
+    The same semantics as ``libs.db.tenant_transaction`` (the tenant set transaction-locally,
+    never leaking to the next user of the connection) in one round trip instead of two:
+    BEGIN and the setting travel as one simple query. The tenant id is inlined, which is safe
+    because it is rendered from a ``UUID`` (hex digits and dashes only).
+    """
+    org = str(UUID(str(org_id)))
+    mode = " READ ONLY" if readonly else ""
+    await conn.execute(f"BEGIN{mode}; SELECT set_config('vge.org_id', '{org}', true)")
+    try:
+        yield conn
+    except BaseException:
+        await _rollback_quietly(conn)
+        raise
+    await conn.execute("COMMIT")
+
+
+async def _rollback_quietly(conn: asyncpg.Connection) -> None:
+    """Roll back an open transaction; if the connection is unusable (e.g. a query was
+    cancelled mid-flight) leave it to the pool, which resets or discards it, and keep the
+    original error."""
+    try:
+        if not conn.is_closed() and conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+    except Exception:  # noqa: BLE001
+        pass
+
+
 @dataclass(frozen=True, slots=True)
 class TicketTypeRow:
     """A ticket type as stored, with its live stock."""
@@ -80,14 +125,13 @@ class TicketTypeRow:
     name: str
     price: Money
     quantity: int
-    held: int
-    sold: int
+    reserved: int
     zones: tuple[str, ...]
 
     @property
     def available(self) -> int:
         """What can still be held."""
-        return self.quantity - self.held - self.sold
+        return self.quantity - self.reserved
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +183,8 @@ class CheckoutRecord:
     items: tuple[HeldItem, ...]
 
 
-_CHECKOUT_SELECT = """
-SELECT c.organization_id, c.id, c.event_id, c.status, c.total, c.currency, c.expires_at,
+_CHECKOUT_COLUMNS = """
+       c.organization_id, c.id, c.event_id, c.status, c.total, c.currency, c.expires_at,
        c.completion_key, c.charge_id, c.refund_id, c.failure_reason, c.completion, c.refund,
        c.actor, c.correlation_id, c.causation_id,
        (SELECT coalesce(json_agg(json_build_object(
@@ -149,8 +193,8 @@ SELECT c.organization_id, c.id, c.event_id, c.status, c.total, c.currency, c.exp
                    ORDER BY h.ticket_type), '[]'::json)
           FROM holds h
          WHERE h.organization_id = c.organization_id AND h.checkout_id = c.id) AS items
-  FROM checkouts c
 """
+_CHECKOUT_SELECT = f"SELECT {_CHECKOUT_COLUMNS} FROM checkouts c"
 
 
 def _checkout(row: asyncpg.Record) -> CheckoutRecord:
@@ -184,19 +228,57 @@ def _checkout(row: asyncpg.Record) -> CheckoutRecord:
     )
 
 
-class SagaSession:
-    """One connection holding a checkout's saga lock; its transactions are tenant-scoped."""
+def _saga_lock_key(checkout_id: UUID) -> str:
+    return f"vge.payments.checkout:{checkout_id}"
 
-    def __init__(self, conn: asyncpg.Connection, org_id: UUID) -> None:
+
+class SagaSession:
+    """One connection that may hold a checkout's saga lock; its transactions are tenant-scoped."""
+
+    def __init__(self, conn: asyncpg.Connection, org_id: UUID, checkout_id: UUID) -> None:
         self.conn = conn
         self.org_id = org_id
+        self.checkout_id = checkout_id
+        self.locked = False
 
-    @asynccontextmanager
-    async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection]:
-        """A tenant transaction on the locked connection."""
-        async with self.conn.transaction(readonly=readonly):
-            await self.conn.execute("SELECT set_config('vge.org_id', $1, true)", str(self.org_id))
-            yield self.conn
+    def transaction(self, *, readonly: bool = False):
+        """A tenant transaction on this session's connection."""
+        return tenant_tx(self.conn, self.org_id, readonly=readonly)
+
+    async def open(self) -> CheckoutRecord | None:
+        """Begin a tenant transaction, take the saga lock and read the checkout (the lock and
+        the read are one statement), and leave the transaction open for the caller's first
+        change; ``commit`` ends it. None if the tenant has no such checkout (then no lock is
+        taken: the lock is evaluated only for a visible row); ``SagaBusy`` if another runner
+        holds it."""
+        await self.conn.execute(
+            f"BEGIN; SELECT set_config('vge.org_id', '{UUID(str(self.org_id))}', true)"
+        )
+        try:
+            row = await self.conn.fetchrow(
+                f"SELECT pg_try_advisory_lock(hashtextextended($2, 0)) AS locked, {_CHECKOUT_COLUMNS} "
+                "FROM checkouts c WHERE c.id = $1",
+                self.checkout_id, _saga_lock_key(self.checkout_id),
+            )  # fmt: skip
+        except BaseException:
+            await self.rollback()
+            raise
+        if row is None:
+            await self.rollback()
+            return None
+        if not row["locked"]:
+            await self.rollback()
+            raise SagaBusy(f"checkout {self.checkout_id} is being driven elsewhere")
+        self.locked = True
+        return _checkout(row)
+
+    async def commit(self) -> None:
+        """End the transaction ``open`` began."""
+        await self.conn.execute("COMMIT")
+
+    async def rollback(self) -> None:
+        """Abandon the transaction ``open`` began, if it is still open."""
+        await _rollback_quietly(self.conn)
 
 
 class PaymentsStore:
@@ -219,34 +301,40 @@ class PaymentsStore:
 
     # -- transactions and locks -------------------------------------------------------------
 
-    def transaction(self, org_id: UUID, *, readonly: bool = False):
-        """A tenant-scoped transaction (``libs.db.tenant_transaction``)."""
-        return tenant_transaction(self.pool, org_id, readonly=readonly)
+    @asynccontextmanager
+    async def transaction(self, org_id: UUID, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A tenant-scoped transaction on a pooled connection."""
+        async with self.pool.acquire() as conn:
+            async with tenant_tx(conn, org_id, readonly=readonly):
+                yield conn
 
     @asynccontextmanager
-    async def saga_session(self, org_id: UUID, checkout_id: UUID) -> AsyncIterator[SagaSession | None]:
-        """Hold the checkout's saga lock for the block; yields None if another runner has it."""
+    async def saga_session(self, org_id: UUID, checkout_id: UUID) -> AsyncIterator[SagaSession]:
+        """A connection for driving one checkout; the saga lock taken by ``SagaSession.open``
+        is released when the block ends."""
         async with self.pool.acquire() as conn:
-            key = f"vge.payments.checkout:{checkout_id}"
-            if not await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", key):
-                yield None
-                return
+            session = SagaSession(conn, org_id, checkout_id)
             try:
-                yield SagaSession(conn, org_id)
+                yield session
             finally:
-                if not conn.is_closed():
-                    # (the pool's reset would also drop it; unlock now so a waiter goes on)
-                    await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", key)
+                await session.rollback()  # a transaction left open by an error
+                if session.locked and not conn.is_closed():
+                    # (the pool's reset would drop it too; unlock now so a waiter goes on)
+                    await conn.execute(
+                        "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+                        _saga_lock_key(checkout_id),
+                    )
 
     # -- catalog ----------------------------------------------------------------------------
 
     async def ensure_chart(self, conn: asyncpg.Connection, org_id: UUID) -> None:
         """Give the tenant its chart of accounts (once)."""
-        await conn.executemany(
-            "INSERT INTO accounts (organization_id, code, name, kind) VALUES ($1, $2, $3, $4) "
-            "ON CONFLICT DO NOTHING",
-            [(org_id, str(code), name, str(kind)) for code, (name, kind) in CHART_OF_ACCOUNTS.items()],
-        )
+        codes, names, kinds = zip(*((str(c), n, str(k)) for c, (n, k) in CHART_OF_ACCOUNTS.items()))
+        await conn.execute(
+            "INSERT INTO accounts (organization_id, code, name, kind) "
+            "SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[]) ON CONFLICT DO NOTHING",
+            org_id, list(codes), list(names), list(kinds),
+        )  # fmt: skip
 
     async def event_id_by_key(self, conn: asyncpg.Connection, key: str) -> UUID | None:
         """The event created with idempotency key ``key``, if any."""
@@ -256,22 +344,25 @@ class PaymentsStore:
         self, conn: asyncpg.Connection, org_id: UUID, event: EventRow, idempotency_key: str | None
     ) -> None:
         """Store a new event and its ticket types."""
+        types = event.ticket_types
         await conn.execute(
-            "INSERT INTO events (organization_id, id, name, starts_at, ends_at, valid_from, "
-            "valid_until, capacity, reentry_allowed, zones, idempotency_key) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            "WITH e AS ("
+            "  INSERT INTO events (organization_id, id, name, starts_at, ends_at, valid_from, "
+            "  valid_until, capacity, reentry_allowed, zones, idempotency_key) "
+            "  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id) "
+            "INSERT INTO ticket_types (organization_id, id, event_id, code, name, price, currency, "
+            "quantity, zones) "
+            "SELECT $1, t.id, e.id, t.code, t.name, t.price, t.currency, t.quantity, "
+            "       coalesce((SELECT array_agg(z) FROM jsonb_array_elements_text(t.zones::jsonb) z), '{}') "
+            "FROM e, unnest($12::uuid[], $13::text[], $14::text[], $15::bigint[], $16::text[], "
+            "               $17::int[], $18::text[]) AS t(id, code, name, price, currency, quantity, zones)",
             org_id, event.event_id, event.name, event.starts_at, event.ends_at, event.valid_from,
             event.valid_until, event.capacity, event.reentry_allowed, list(event.zones),
             idempotency_key,
-        )  # fmt: skip
-        await conn.executemany(
-            "INSERT INTO ticket_types (organization_id, id, event_id, code, name, price, "
-            "currency, quantity, zones) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            [
-                (org_id, t.ticket_type_id, event.event_id, t.code, t.name, t.price.amount,
-                 t.price.currency, t.quantity, list(t.zones))
-                for t in event.ticket_types
-            ],
+            [t.ticket_type_id for t in types], [t.code for t in types], [t.name for t in types],
+            [t.price.amount for t in types], [t.price.currency for t in types],
+            # zones per type as JSON text: a text[][] must be rectangular, these lists are not
+            [t.quantity for t in types], [json.dumps(list(t.zones)) for t in types],
         )  # fmt: skip
 
     async def load_event(self, conn: asyncpg.Connection, event_id: UUID) -> EventRow | None:
@@ -296,7 +387,7 @@ class PaymentsStore:
                 TicketTypeRow(
                     ticket_type_id=t["id"], code=t["code"], name=t["name"],
                     price=Money(t["price"], t["currency"]), quantity=t["quantity"],
-                    held=t["held"], sold=t["sold"], zones=tuple(t["zones"]),
+                    reserved=t["reserved"], zones=tuple(t["zones"]),
                 )  # fmt: skip
                 for t in types
             ),
@@ -308,44 +399,25 @@ class PaymentsStore:
         """The checkout created with idempotency key ``key``, if any."""
         return await conn.fetchval("SELECT id FROM checkouts WHERE create_key = $1", key)
 
-    async def hold(
-        self, conn: asyncpg.Connection, event_id: UUID, wanted: Sequence[tuple[str, int]]
+    async def ticket_types_for(
+        self, conn: asyncpg.Connection, event_id: UUID, codes: Sequence[str]
     ) -> list[HeldItem]:
-        """Reserve ``quantity`` of each ticket type (by code) of the event, or raise
-        ``SoldOut``/``UnknownTicketType`` (the caller's transaction then rolls back every hold).
-
-        Each reservation is one conditional UPDATE: the row lock serialises concurrent
-        checkouts on a type, on every replica, and the condition re-checks the stock under
-        that lock, so two buyers can never take the same last ticket. Types are locked in id
-        order so two multi-type checkouts cannot deadlock.
-        """
-        codes = [code for code, _ in wanted]
-        types = {
+        """The named ticket types of an event as (unheld) items with quantity 0 and their
+        prices; ``UnknownTicketType`` for a code the event does not have."""
+        rows = {
             r["code"]: r
             for r in await conn.fetch(
                 "SELECT id, code, price, currency FROM ticket_types "
                 "WHERE event_id = $1 AND code = ANY($2::text[])",
-                event_id, codes,
+                event_id, list(codes),
             )  # fmt: skip
         }
         for code in codes:
-            if code not in types:
+            if code not in rows:
                 raise UnknownTicketType(code)
-        held: list[HeldItem] = []
-        for code, quantity in sorted(wanted, key=lambda w: types[w[0]]["id"]):
-            t = types[code]
-            ok = await conn.fetchval(
-                "UPDATE ticket_types SET held = held + $2 "
-                "WHERE id = $1 AND sold + held + $2 <= quantity RETURNING 1",
-                t["id"], quantity,
-            )  # fmt: skip
-            if ok is None:
-                available = await conn.fetchval(
-                    "SELECT quantity - sold - held FROM ticket_types WHERE id = $1", t["id"]
-                )
-                raise SoldOut(code, max(0, available or 0))
-            held.append(HeldItem(t["id"], code, quantity, Money(t["price"], t["currency"])))
-        return held
+        return [
+            HeldItem(rows[c]["id"], c, 0, Money(rows[c]["price"], rows[c]["currency"])) for c in codes
+        ]
 
     async def insert_checkout(
         self,
@@ -355,30 +427,47 @@ class PaymentsStore:
         event_id: UUID,
         customer_email: str,
         total: Money,
-        ttl_seconds: float,
+        expires_at: datetime,
         items: Sequence[HeldItem],
         create_key: str | None,
-    ) -> datetime:
-        """Store a pending checkout and its holds; returns when they expire (database clock,
-        the same clock the expiry sweep compares with)."""
-        expires_at = await conn.fetchval(
-            "INSERT INTO checkouts (organization_id, id, event_id, customer_email, status, total, "
-            "currency, expires_at, create_key) "
-            "VALUES ($1, $2, $3, $4, 'pending', $5, $6, now() + make_interval(secs => $7), $8) "
-            "RETURNING expires_at",
-            org_id, checkout_id, event_id, customer_email, total.amount, total.currency,
-            float(ttl_seconds), create_key,
-        )  # fmt: skip
+    ) -> None:
+        """Store a pending checkout and its holds (one statement). The stock is taken by
+        ``hold`` afterwards, last in the transaction."""
         await conn.execute(
+            "WITH c AS ("
+            "  INSERT INTO checkouts (organization_id, id, event_id, customer_email, status, total, "
+            "  currency, expires_at, create_key) "
+            "  VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8) RETURNING id) "
             "INSERT INTO holds (organization_id, checkout_id, ticket_type_id, ticket_type, "
             "quantity, unit_price, expires_at) "
-            "SELECT $1, $2, t.id, t.code, t.qty, t.price, $3 "
-            "FROM unnest($4::uuid[], $5::text[], $6::int[], $7::bigint[]) AS t(id, code, qty, price)",
-            org_id, checkout_id, expires_at,
+            "SELECT $1, c.id, t.id, t.code, t.qty, t.price, $7 "
+            "FROM c, unnest($9::uuid[], $10::text[], $11::int[], $12::bigint[]) AS t(id, code, qty, price)",
+            org_id, checkout_id, event_id, customer_email, total.amount, total.currency,
+            expires_at, create_key,
             [i.ticket_type_id for i in items], [i.ticket_type for i in items],
             [i.quantity for i in items], [i.unit_price.amount for i in items],
         )  # fmt: skip
-        return expires_at
+
+    async def hold(self, conn: asyncpg.Connection, items: Sequence[HeldItem]) -> None:
+        """Reserve each item's quantity of its ticket type, or raise ``SoldOut`` (the caller's
+        transaction then rolls back every hold).
+
+        One conditional UPDATE per type: the row lock serialises concurrent checkouts on a
+        type, on every replica, and the condition re-checks the stock under that lock, so two
+        buyers can never take the same last ticket (and ``never_oversold`` backs it up). Types
+        are locked in id order so two multi-type checkouts cannot deadlock.
+        """
+        for item in sorted(items, key=lambda i: i.ticket_type_id):
+            left = await conn.fetchval(
+                "UPDATE ticket_types SET reserved = reserved + $2 "
+                "WHERE id = $1 AND reserved + $2 <= quantity RETURNING quantity - reserved",
+                item.ticket_type_id, item.quantity,
+            )  # fmt: skip
+            if left is None:
+                available = await conn.fetchval(
+                    "SELECT quantity - reserved FROM ticket_types WHERE id = $1", item.ticket_type_id
+                )
+                raise SoldOut(item.ticket_type, max(0, available or 0))
 
     async def load_checkout(self, conn: asyncpg.Connection, checkout_id: UUID) -> CheckoutRecord | None:
         """A checkout of the current tenant with its holds, or None."""
@@ -453,38 +542,64 @@ class PaymentsStore:
             "  UPDATE holds SET state = 'released' "
             "  WHERE checkout_id = $1 AND state = 'active' "
             "  RETURNING ticket_type_id, quantity) "
-            "UPDATE ticket_types t SET held = t.held - r.quantity "
+            "UPDATE ticket_types t SET reserved = t.reserved - r.quantity "
             "FROM released r WHERE t.id = r.ticket_type_id",
             checkout.checkout_id,
         )
+
+    async def post_sale(
+        self, conn: asyncpg.Connection, checkout: CheckoutRecord, entry: JournalEntry | None,
+        posted_at: datetime,
+    ) -> None:
+        """charged -> posted with the sale's journal entry, in one statement."""
+        ensure_transition(checkout.status, CheckoutStatus.POSTED)
+        if entry is None:  # nothing to book (a free checkout)
+            await self.move(conn, checkout, CheckoutStatus.POSTED)
+            return
+        done = await conn.fetchval(
+            "WITH moved AS ("
+            "  UPDATE checkouts SET status = 'posted', updated_at = now() "
+            "  WHERE id = $13 AND status = $14 RETURNING id), "
+            + _ENTRY_CTE.rstrip(", ") +
+            " SELECT count(*) FROM moved",
+            *_entry_args(checkout.organization_id, entry, posted_at),
+            checkout.checkout_id, str(checkout.status),
+        )  # fmt: skip
+        if done != 1:
+            raise LostRace(f"checkout {checkout.checkout_id} is no longer {checkout.status}")
 
     async def issue_tickets(
         self,
         conn: asyncpg.Connection,
         checkout: CheckoutRecord,
         tickets: Sequence[tuple[str, HeldItem]],
-    ) -> datetime:
-        """Store ``(code, item)`` tickets and turn the holds into sales; returns issue time."""
-        issued_at = await conn.fetchval(
-            "INSERT INTO tickets (organization_id, code, event_id, ticket_type_id, ticket_type, "
-            "checkout_id) "
-            "SELECT $1, t.code, $2, t.type_id, t.type_code, $3 "
-            "FROM unnest($4::text[], $5::uuid[], $6::text[]) AS t(code, type_id, type_code) "
-            "RETURNING issued_at",
+        issued_at: datetime,
+        completion: dict[str, Any],
+    ) -> None:
+        """posted -> completed: store the tickets and turn the holds into sales (one
+        statement; the stock counter already counts them, so it is not touched)."""
+        ensure_transition(checkout.status, CheckoutStatus.COMPLETED)
+        done = await conn.fetchval(
+            "WITH moved AS ("
+            "  UPDATE checkouts SET status = 'completed', completion = $7, updated_at = now() "
+            "  WHERE id = $3 AND status = $8 RETURNING id), "
+            "issued AS ("
+            "  INSERT INTO tickets (organization_id, code, event_id, ticket_type_id, ticket_type, "
+            "  checkout_id, issued_at) "
+            "  SELECT $1, t.code, $2, t.type_id, t.type_code, $3, $9 "
+            "  FROM moved, unnest($4::text[], $5::uuid[], $6::text[]) AS t(code, type_id, type_code) "
+            "  RETURNING 1), "
+            "consumed AS ("
+            "  UPDATE holds SET state = 'consumed' "
+            "  WHERE checkout_id = (SELECT id FROM moved) AND state = 'active' RETURNING 1) "
+            # (data-modifying CTEs always run to completion, read or not)
+            "SELECT count(*) FROM moved",
             checkout.organization_id, checkout.event_id, checkout.checkout_id,
             [code for code, _ in tickets], [i.ticket_type_id for _, i in tickets],
-            [i.ticket_type for _, i in tickets],
+            [i.ticket_type for _, i in tickets], completion, str(checkout.status), issued_at,
         )  # fmt: skip
-        await conn.execute(
-            "WITH consumed AS ("
-            "  UPDATE holds SET state = 'consumed' "
-            "  WHERE checkout_id = $1 AND state = 'active' "
-            "  RETURNING ticket_type_id, quantity) "
-            "UPDATE ticket_types t SET held = t.held - c.quantity, sold = t.sold + c.quantity "
-            "FROM consumed c WHERE t.id = c.ticket_type_id",
-            checkout.checkout_id,
-        )
-        return issued_at
+        if done != 1:
+            raise LostRace(f"checkout {checkout.checkout_id} is no longer {checkout.status}")
 
     async def tickets_of(self, conn: asyncpg.Connection, checkout_id: UUID) -> list[tuple[str, str, str]]:
         """(code, ticket type, status) of a checkout's tickets."""
@@ -495,45 +610,33 @@ class PaymentsStore:
         )
         return [(r["code"], r["ticket_type"], r["status"]) for r in rows]
 
-    async def cancel_tickets(self, conn: asyncpg.Connection, checkout: CheckoutRecord) -> tuple[list[str], datetime]:
-        """Cancel a checkout's tickets and put them back on sale; returns (codes, when)."""
+    async def cancel_tickets(
+        self, conn: asyncpg.Connection, checkout: CheckoutRecord, cancelled_at: datetime
+    ) -> list[str]:
+        """Cancel a checkout's tickets and put them back on sale; returns their codes."""
         rows = await conn.fetch(
-            "UPDATE tickets SET status = 'cancelled', cancelled_at = now() "
-            "WHERE checkout_id = $1 AND status = 'issued' RETURNING code, ticket_type_id, cancelled_at",
-            checkout.checkout_id,
-        )
-        if rows:
-            await conn.execute(
-                "UPDATE ticket_types t SET sold = t.sold - c.n "
-                "FROM (SELECT unnest($1::uuid[]) AS id, count(*) AS n GROUP BY 1) c "
-                "WHERE t.id = c.id",
-                [r["ticket_type_id"] for r in rows],
-            )
-        when = rows[0]["cancelled_at"] if rows else await conn.fetchval("SELECT now()")
-        return sorted(r["code"] for r in rows), when
+            "WITH cancelled AS ("
+            "  UPDATE tickets SET status = 'cancelled', cancelled_at = $2 "
+            "  WHERE checkout_id = $1 AND status = 'issued' RETURNING code, ticket_type_id), "
+            "restocked AS ("
+            "  UPDATE ticket_types t SET reserved = t.reserved - c.n "
+            "  FROM (SELECT ticket_type_id, count(*) AS n FROM cancelled GROUP BY 1) c "
+            "  WHERE t.id = c.ticket_type_id RETURNING 1) "
+            "SELECT code FROM cancelled ORDER BY code",
+            checkout.checkout_id, cancelled_at,
+        )  # fmt: skip
+        return [r["code"] for r in rows]
 
     # -- ledger -----------------------------------------------------------------------------
 
-    async def post(self, conn: asyncpg.Connection, org_id: UUID, entry: JournalEntry) -> datetime:
+    async def post(
+        self, conn: asyncpg.Connection, org_id: UUID, entry: JournalEntry, posted_at: datetime
+    ) -> None:
         """Insert a journal entry and its lines; the database checks the balance at commit."""
-        posted_at = await conn.fetchval(
-            "INSERT INTO journal_entries (organization_id, id, reference_type, reference_id, "
-            "reverses_entry_id, description) VALUES ($1, $2, $3, $4, $5, $6) RETURNING posted_at",
-            org_id, entry.entry_id, entry.reference_type, entry.reference_id,
-            entry.reverses_entry_id, entry.description,
-        )  # fmt: skip
         await conn.execute(
-            "INSERT INTO journal_lines (organization_id, entry_id, line_no, account, side, "
-            "amount, currency) "
-            "SELECT $1, $2, l.n, l.account, l.side, l.amount, l.currency "
-            "FROM unnest($3::smallint[], $4::text[], $5::text[], $6::bigint[], $7::text[]) "
-            "AS l(n, account, side, amount, currency)",
-            org_id, entry.entry_id,
-            list(range(1, len(entry.lines) + 1)), [str(l.account) for l in entry.lines],
-            [str(l.side) for l in entry.lines], [l.amount.amount for l in entry.lines],
-            [l.amount.currency for l in entry.lines],
-        )  # fmt: skip
-        return posted_at
+            "WITH " + _ENTRY_CTE.rstrip(", ") + " SELECT 1",
+            *_entry_args(org_id, entry, posted_at),
+        )
 
     async def entry_for(
         self, conn: asyncpg.Connection, reference_type: ReferenceType, reference_id: UUID
@@ -624,7 +727,31 @@ class PaymentsStore:
         )
 
 
+# An entry and its lines as CTE clauses, parameters $1..$12 (``_entry_args``); a caller's own
+# parameters start at $13. The balance is checked by the deferred constraint triggers at COMMIT.
+_ENTRY_CTE = (
+    "entry AS ("
+    "  INSERT INTO journal_entries (organization_id, id, reference_type, reference_id, "
+    "  reverses_entry_id, description, posted_at) "
+    "  VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id), "
+    "lines AS ("
+    "  INSERT INTO journal_lines (organization_id, entry_id, line_no, account, side, amount, currency) "
+    "  SELECT $1, entry.id, l.n, l.account, l.side, l.amount, l.currency "
+    "  FROM entry, unnest($8::smallint[], $9::text[], $10::text[], $11::bigint[], $12::text[]) "
+    "  AS l(n, account, side, amount, currency) RETURNING 1), "
+)
+
+
+def _entry_args(org_id: UUID, entry: JournalEntry, posted_at: datetime) -> list[Any]:
+    """Parameters $1..$12 of ``_ENTRY_CTE``."""
+    lines = entry.lines
+    return [org_id, entry.entry_id, entry.reference_type, entry.reference_id,
+            entry.reverses_entry_id, entry.description, posted_at,
+            list(range(1, len(lines) + 1)), [str(l.account) for l in lines],
+            [str(l.side) for l in lines], [l.amount.amount for l in lines],
+            [l.amount.currency for l in lines]]  # fmt: skip
+
+
 _MOVABLE_COLUMNS = frozenset(
     {"charge_id", "refund_id", "failure_reason", "completion", "refund"}
 )
-

@@ -15,7 +15,8 @@ from uuid import UUID
 
 import asyncpg
 
-from libs.db import CONNECTION_ERRORS, create_pool, tenant_transaction
+from libs.db import CONNECTION_ERRORS, create_pool
+from services.payments.adapters.postgres import tenant_tx
 from services.payments.domain.money import Money
 
 __all__ = [
@@ -93,6 +94,10 @@ class PaymentProcessor(Protocol):
         ...
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset that does nothing (asyncpg still rolls back an open transaction first)."""
+
+
 class FakeProcessor:
     """A deterministic processor driven by the ``payment_token`` (design §7):
 
@@ -116,7 +121,12 @@ class FakeProcessor:
 
     async def open(self, dsn: str, *, schema: str = "payments") -> None:
         """Connect its own small pool (it must not compete with the saga for connections)."""
-        self._pool_or_none = await create_pool(dsn, schema=schema, min_size=1, max_size=8)
+        self._pool_or_none = await create_pool(
+            dsn, schema=schema, min_size=1, max_size=8,
+            # its connections keep no session state (the tenant is SET LOCAL): skip asyncpg's
+            # reset query on every release, one round trip per call
+            reset=_keep_session,
+        )  # fmt: skip
         self._owns_pool = True
 
     async def close(self) -> None:
@@ -142,7 +152,7 @@ class FakeProcessor:
         if amount.amount <= 0:
             raise ValueError("a charge takes a positive amount")
         try:
-            async with tenant_transaction(self._pool, merchant) as conn:
+            async with self._pool.acquire() as conn, tenant_tx(conn, merchant):
                 row = await conn.fetchrow(
                     "INSERT INTO fake_processor_charges "
                     "(organization_id, id, idempotency_key, amount, currency, token) "
@@ -167,7 +177,7 @@ class FakeProcessor:
     async def find_charge(self, merchant: UUID, idempotency_key: str) -> Charge | None:
         """See ``PaymentProcessor.find_charge``."""
         try:
-            async with tenant_transaction(self._pool, merchant, readonly=True) as conn:
+            async with self._pool.acquire() as conn, tenant_tx(conn, merchant, readonly=True):
                 row = await conn.fetchrow(
                     "SELECT id, amount, currency FROM fake_processor_charges "
                     "WHERE idempotency_key = $1",
@@ -180,7 +190,7 @@ class FakeProcessor:
     async def refund(self, merchant: UUID, charge_id: str, amount: Money) -> Refund:
         """See ``PaymentProcessor.refund``."""
         try:
-            async with tenant_transaction(self._pool, merchant) as conn:
+            async with self._pool.acquire() as conn, tenant_tx(conn, merchant):
                 charge = await conn.fetchrow(
                     "SELECT amount, currency FROM fake_processor_charges WHERE id = $1", charge_id
                 )
@@ -204,7 +214,7 @@ class FakeProcessor:
     async def net_charged(self, merchant: UUID) -> dict[str, int]:
         """Charges minus refunds per currency for ``merchant`` (what reconciliation compares
         with the ledger's processor receivable)."""
-        async with tenant_transaction(self._pool, merchant, readonly=True) as conn:
+        async with self._pool.acquire() as conn, tenant_tx(conn, merchant, readonly=True):
             rows = await conn.fetch(
                 "SELECT c.currency, sum(c.amount) - coalesce(sum(r.amount), 0) AS net "
                 "FROM fake_processor_charges c "

@@ -35,15 +35,17 @@ CREATE TABLE ticket_types (
     price           bigint  NOT NULL CHECK (price >= 0),
     currency        text NOT NULL,
     quantity        integer NOT NULL CHECK (quantity >= 0),
-    held            integer NOT NULL DEFAULT 0 CHECK (held >= 0),
-    sold            integer NOT NULL DEFAULT 0 CHECK (sold >= 0),
+    -- held + sold, the one counter a sale touches: a hold adds to it, a lapsed or failed hold
+    -- and a refund take from it, and turning a hold into a sale changes nothing. So a popular
+    -- type's row is locked once per sale (the held/sold split is in holds and tickets).
+    reserved        integer NOT NULL DEFAULT 0 CHECK (reserved >= 0),
     zones           text[]  NOT NULL DEFAULT '{}',
     PRIMARY KEY (organization_id, id),
     UNIQUE (organization_id, event_id, code),
     FOREIGN KEY (organization_id, event_id) REFERENCES events,
     -- The last line of defence against overselling: whatever the code does, the database
-    -- refuses a row with more tickets sold or held than exist.
-    CONSTRAINT never_oversold CHECK (sold + held <= quantity)
+    -- refuses a row with more tickets held or sold than exist.
+    CONSTRAINT never_oversold CHECK (reserved <= quantity)
 );
 SELECT vge.enable_tenant_rls('ticket_types');
 

@@ -32,7 +32,8 @@ class ScanningStore:
         for attempt in range(3):
             try:
                 async with self._pool.acquire(timeout=2.0) as conn:
-                    return await conn.fetchval("SELECT decide_scans($1, $2, $3)", org_id, now, scans)
+                    rows = await conn.fetch("SELECT d FROM decide_scans($1, $2, $3) d", org_id, now, scans)
+                    return [r["d"] for r in rows]
             except _RETRYABLE:
                 # cannot happen between our own batches (tickets are locked in code order), but a
                 # retry is the right answer to any serialization failure

@@ -11,17 +11,23 @@
 --   device_result (offline: what the device decided), device_event_id, actor (JSON), corr,
 --   pre (a duplicate already known from the cache/Redis tiers: 'already_admitted'),
 --   pre_first_at, pre_first_gate, pre_ticket_type
--- Returns a JSON array with one decision per scan (same i).
-CREATE FUNCTION decide_scans(p_org uuid, p_now timestamptz, p_scans jsonb) RETURNS jsonb
-LANGUAGE plpgsql AS $$
+-- Returns one JSON decision per scan (same i).
+CREATE FUNCTION decide_scans(p_org uuid, p_now timestamptz, p_scans jsonb) RETURNS SETOF jsonb
+LANGUAGE plpgsql
+-- Every statement here is a key lookup. Plans are cached for the session while the tables grow
+-- (a fresh table, or a batch inserting thousands of scans, looks empty to the planner) and a
+-- cached sequential scan would make a batch quadratic: keep the planner on the indexes.
+SET enable_seqscan = off
+AS $$
 DECLARE
     s            jsonb;
     t            tickets%ROWTYPE;
     ev           events%ROWTYPE;
     prior        scans%ROWTYPE;
     v_codes      text[];
-    v_out        jsonb[] := '{}';
-    v_envelopes  jsonb[] := '{}';
+    v_envelope   jsonb;
+    v_priors     jsonb;
+    v_key        text;
     v_accepted   uuid[] := '{}';
     v_scan_id    uuid;
     v_result     text;
@@ -45,12 +51,23 @@ BEGIN
     WHERE organization_id = p_org AND ticket_code = ANY (v_codes)
     ORDER BY ticket_code FOR UPDATE;
 
+    -- earlier decisions of this batch's (device, nonce) pairs, found in one statement: a per-scan
+    -- lookup would be planned once, on whatever the table looked like then
+    SELECT jsonb_object_agg(sc.device_id || chr(31) || sc.nonce, sc.scan_id) INTO v_priors
+    FROM scans sc
+    JOIN jsonb_to_recordset(p_scans) AS x(device text, nonce text)
+      ON sc.organization_id = p_org AND sc.device_id = x.device AND sc.nonce = x.nonce;
+    v_priors := coalesce(v_priors, '{}');
+
     FOR s IN SELECT value FROM jsonb_array_elements(p_scans) LOOP
         -- a retry of (device, nonce) gets the first decision and records nothing new
-        SELECT * INTO prior FROM scans
-        WHERE organization_id = p_org AND device_id = s->>'device' AND nonce = s->>'nonce';
-        IF FOUND THEN
-            v_out := v_out || jsonb_build_object(
+        v_key := (s->>'device') || chr(31) || (s->>'nonce');
+        prior := NULL;
+        IF v_priors ? v_key THEN
+            SELECT * INTO prior FROM scans WHERE scan_id = (v_priors->>v_key)::uuid;
+        END IF;
+        IF prior.scan_id IS NOT NULL THEN
+            RETURN NEXT jsonb_build_object(
                 'i', s->'i', 'scan_id', prior.scan_id, 'result', prior.result,
                 'reason', prior.reason, 'ticket_type', prior.ticket_type,
                 'first_at', prior.first_admitted_at, 'first_gate', prior.first_gate,
@@ -122,26 +139,55 @@ BEGIN
             v_conflict := true;
         END IF;
 
+        -- what the ticket will look like, decided under its lock
         IF v_swap THEN
+            v_result := 'accepted'; v_reason := NULL;
+            v_first_at := LEAST(t.first_admitted_at, v_when);
+            v_first_gate := CASE WHEN v_when < t.first_admitted_at THEN s->>'gate' ELSE t.first_gate END;
+        ELSIF v_result = 'accepted' AND s->>'dir' = 'entry' THEN
+            v_admission := t.entries + 1;
+            v_first_at := coalesce(t.first_admitted_at, v_when);
+            v_first_gate := CASE WHEN t.first_admitted_at IS NULL THEN s->>'gate' ELSE t.first_gate END;
+        ELSIF v_result = 'accepted' THEN
+            v_first_at := t.first_admitted_at; v_first_gate := t.first_gate;
+        END IF;
+
+        INSERT INTO scans (scan_id, organization_id, event_id, ticket_code, ticket_type, direction,
+                           gate, zone, device_id, nonce, result, reason, conflict, offline,
+                           first_admitted_at, first_gate, admission_no, scanned_at, received_at)
+        VALUES (v_scan_id, p_org, (s->>'event_id')::uuid, s->>'code', v_type, s->>'dir',
+                s->>'gate', s->>'zone', s->>'device', s->>'nonce', v_result, v_reason, v_conflict,
+                v_offline, v_first_at, v_first_gate, v_admission,
+                (s->>'scanned_at')::timestamptz, p_now)
+        ON CONFLICT (organization_id, device_id, nonce) DO NOTHING;
+        IF NOT FOUND THEN
+            -- the same (device, nonce) twice in one batch: the first one's decision stands
+            SELECT * INTO prior FROM scans
+            WHERE organization_id = p_org AND device_id = s->>'device' AND nonce = s->>'nonce';
+            RETURN NEXT jsonb_build_object(
+                'i', s->'i', 'scan_id', prior.scan_id, 'result', prior.result,
+                'reason', prior.reason, 'ticket_type', prior.ticket_type,
+                'first_at', prior.first_admitted_at, 'first_gate', prior.first_gate,
+                'conflict', prior.conflict, 'replayed', true, 'reentry', NULL);
+            CONTINUE;
+        END IF;
+
+        IF v_swap THEN
+            -- the earlier offline entry becomes the admission; the later one is the conflict
             UPDATE scans SET conflict = true, admission_no = NULL
             WHERE scan_id = t.last_entry_scan_id AND organization_id = p_org;
-            v_admission := t.entries;
+            UPDATE scans SET admission_no = t.entries WHERE scan_id = v_scan_id;
             UPDATE tickets SET
                 last_entry_at = v_when, last_entry_scan_id = v_scan_id,
-                first_admitted_at = CASE WHEN v_when < first_admitted_at THEN v_when ELSE first_admitted_at END,
-                first_gate = CASE WHEN v_when < first_admitted_at THEN s->>'gate' ELSE first_gate END
-            WHERE organization_id = p_org AND ticket_code = t.ticket_code
-            RETURNING first_admitted_at, first_gate INTO v_first_at, v_first_gate;
-            v_result := 'accepted'; v_reason := NULL;
+                first_admitted_at = v_first_at, first_gate = v_first_gate
+            WHERE organization_id = p_org AND ticket_code = t.ticket_code;
         ELSIF v_result = 'accepted' AND s->>'dir' = 'entry' THEN
             -- the conditional state change: only a ticket that is outside goes inside
             UPDATE tickets SET
                 inside = true, entries = entries + 1,
-                first_admitted_at = coalesce(first_admitted_at, v_when),
-                first_gate = CASE WHEN first_admitted_at IS NULL THEN s->>'gate' ELSE first_gate END,
+                first_admitted_at = v_first_at, first_gate = v_first_gate,
                 last_entry_at = v_when, last_entry_scan_id = v_scan_id
-            WHERE organization_id = p_org AND ticket_code = t.ticket_code AND NOT inside
-            RETURNING entries, first_admitted_at, first_gate INTO v_admission, v_first_at, v_first_gate;
+            WHERE organization_id = p_org AND ticket_code = t.ticket_code AND NOT inside;
             IF NOT FOUND THEN
                 RAISE EXCEPTION 'ticket % changed under its lock', t.ticket_code;
             END IF;
@@ -152,23 +198,14 @@ BEGIN
             IF NOT FOUND THEN
                 RAISE EXCEPTION 'ticket % changed under its lock', t.ticket_code;
             END IF;
-            v_first_at := t.first_admitted_at; v_first_gate := t.first_gate;
             v_accepted := v_accepted || v_scan_id;
         END IF;
 
-        INSERT INTO scans (scan_id, organization_id, event_id, ticket_code, ticket_type, direction,
-                           gate, zone, device_id, nonce, result, reason, conflict, offline,
-                           first_admitted_at, first_gate, admission_no, scanned_at, received_at)
-        VALUES (v_scan_id, p_org, (s->>'event_id')::uuid, s->>'code', v_type, s->>'dir',
-                s->>'gate', s->>'zone', s->>'device', s->>'nonce', v_result, v_reason, v_conflict,
-                v_offline, v_first_at, v_first_gate, v_admission,
-                (s->>'scanned_at')::timestamptz, p_now);
-
-        v_out := v_out || jsonb_build_object(
+        RETURN NEXT jsonb_build_object(
             'i', s->'i', 'scan_id', v_scan_id, 'result', v_result, 'reason', v_reason,
             'ticket_type', v_type, 'first_at', v_first_at, 'first_gate', v_first_gate,
             'conflict', v_conflict, 'replayed', false, 'reentry', v_reentry, 'swap', v_swap);
-        v_envelopes := v_envelopes || jsonb_build_object(
+        v_envelope := jsonb_build_object(
             'event_id', uuidv7(),
             'type', CASE WHEN v_result = 'accepted' THEN 'scan.accepted' ELSE 'scan.rejected' END,
             'schema_version', 1,
@@ -184,13 +221,11 @@ BEGIN
                 'scanned_at', s->>'scanned_at', 'received_at', p_now, 'offline', v_offline)
                 || CASE WHEN v_result = 'accepted' THEN '{}'::jsonb
                         ELSE jsonb_build_object('reason', v_reason, 'conflict', v_conflict) END);
+        INSERT INTO outbox (event_id, organization_id, subject, payload)
+        VALUES ((v_envelope->>'event_id')::uuid, p_org,
+                'vge.evt.' || p_org || '.scanning.' || (v_envelope->>'type'),
+                convert_to(v_envelope::text, 'UTF8'));
     END LOOP;
-
-    INSERT INTO outbox (event_id, organization_id, subject, payload)
-    SELECT (e->>'event_id')::uuid, p_org,
-           'vge.evt.' || p_org || '.scanning.' || (e->>'type'),
-           convert_to(e::text, 'UTF8')
-    FROM unnest(v_envelopes) e;
 
     IF cardinality(v_accepted) > 0 THEN
         -- occupancy first, then the dirty mark (publish_occupancy_changes relies on that order)
@@ -223,7 +258,7 @@ BEGIN
         ON CONFLICT DO NOTHING;
     END IF;
 
-    RETURN to_jsonb(v_out);
+    RETURN;
 END $$;
 
 -- Coalesced occupancy.changed: one event per event whose occupancy changed since the last one,

@@ -21,7 +21,9 @@ from libs.actor import Actor, ActorType, Role
 from libs.commands import CommandClient
 from libs.envelope import Envelope
 from libs.jetstream import ensure_streams
+from libs.subjects import EVENTS_STREAM
 from libs.subjects import event as event_subject
+from services.audit.bootstrap import DURABLE as AUDIT_DURABLE
 
 
 def owner_of(org: uuid.UUID, role: Role = Role.OWNER) -> Actor:
@@ -81,9 +83,10 @@ class AuditBench:
     PLATFORM_ADMIN = PLATFORM_ADMIN
     PLATFORM_STAFF = PLATFORM_STAFF
 
-    async def publish(self, events: Iterable[Envelope], *, msg_id_suffix: str = "") -> None:
+    async def publish(self, events: Iterable[Envelope], *, msg_id_suffix: str = "") -> int:
         """Publish to ``vge.evt.<org>.test.<entity>.<verb>`` with ``Nats-Msg-Id`` = event id
-        (plus ``msg_id_suffix``, to get past JetStream's duplicate window on purpose)."""
+        (plus ``msg_id_suffix``, to get past JetStream's duplicate window on purpose); returns
+        the highest stream sequence of them."""
         acks = [
             self.js.publish(
                 event_subject(e.org_id, "test", e.type), e.to_bytes(),
@@ -91,8 +94,20 @@ class AuditBench:
             )
             for e in events
         ]
+        last = 0
         for i in range(0, len(acks), 200):
-            await asyncio.gather(*acks[i : i + 200])
+            last = max([last, *(ack.seq for ack in await asyncio.gather(*acks[i : i + 200]))])
+        return last
+
+    async def wait_consumed(self, stream_seq: int, timeout: float = 20.0) -> None:
+        """Wait until the audit consumer has handled (acked or dead-lettered) every message up
+        to ``stream_seq``: after that, nothing more can change what it recorded of them."""
+
+        async def past() -> bool:
+            info = await self.js.consumer_info(EVENTS_STREAM, AUDIT_DURABLE)
+            return info.ack_floor.stream_seq >= stream_seq
+
+        await eventually(past, timeout, f"audit consumer past stream sequence {stream_seq}")
 
     async def stats(self, org: uuid.UUID) -> ChainStats:
         row = await self.db.fetchrow(

@@ -14,7 +14,7 @@ from libs.db import service_dsn
 from libs.envelope import Envelope
 from libs.errors import Forbidden, InvalidInput, NotFound
 from libs.subjects import EVENTS_STREAM
-from services.audit.bootstrap import DURABLE, build
+from services.audit.bootstrap import build
 
 
 @pytest.fixture
@@ -137,13 +137,7 @@ async def test_platform_admin_read_of_a_tenant_is_recorded_in_its_chain(bench, t
             uuid.UUID(r["event_id"]) for r in (await bench.query(b, action="audit.cross_tenant_read"))["records"]
         )
         # ...and once the audit consumer has been past them, they are still recorded once
-        last = max(m.metadata.sequence.stream for m in msgs)
-
-        async def consumed() -> bool:
-            info = await bench.js.consumer_info(EVENTS_STREAM, DURABLE)
-            return info.ack_floor.stream_seq >= last
-
-        await bench.eventually(consumed, what="audit consumer acked its own events")
+        await bench.wait_consumed(max(m.metadata.sequence.stream for m in msgs))
         stats = await bench.stats(b)
         assert (stats.count, stats.distinct_events, stats.head_seq) == (14, 14, 14)
     finally:

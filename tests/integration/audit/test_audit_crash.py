@@ -74,12 +74,14 @@ async def test_killed_mid_stream_and_restarted_records_every_event_once(
         assert 0 < at_kill < N
         await publishing
         # a replayed copy of some events too, as a producer retry would send them
-        await bench.publish(events[:100], msg_id_suffix="-retry")
+        last = await bench.publish(events[:100], msg_id_suffix="-retry")
 
         proc, port = _start_audit(server_urls, context_keys[1], log)
         await _healthy(proc, port, log)
         # what the dead instance held comes back after the consumer's ack wait (5 s)
-        stats = await bench.wait_for_records(org, N, timeout=40)
+        await bench.wait_for_records(org, N, timeout=40)
+        await bench.wait_consumed(last)
+        stats = await bench.stats(org)
         assert (stats.count, stats.distinct_events) == (N, N)
         assert (stats.min_seq, stats.max_seq, stats.head_seq) == (1, N, N)
         assert set(await bench.event_ids(org)) == {e.event_id for e in events}

@@ -1,0 +1,275 @@
+"""Benchmark: completed checkouts per second (hold + charge + ledger entry + tickets + outbox
+events), and latency at a fixed arrival rate.
+
+Not a test. It starts what it needs and prints the figures::
+
+    .venv/bin/python bench/bench_checkout.py                     # defaults: 32 clients, then 50/s
+    .venv/bin/python bench/bench_checkout.py --clients 64 --duration 20 --replicas 2
+
+Servers: the ``VGE_NATS_URL``/``VGE_DATABASE_URL``/``VGE_REDIS_URL`` ones when set, otherwise
+NATS and PostgreSQL started from the wheels in a temporary folder (``--no-fsync`` trades
+PostgreSQL durability for speed, as the test suite does). The service runs as
+``python -m services.payments`` child processes (``--replicas``), so the load generator does not
+share its event loop; ``--in-process`` runs it inside this process instead.
+
+Phase 1 (throughput): ``--clients`` buyers each loop create_checkout + complete_checkout
+flat out for ``--duration`` seconds. Phase 2 (latency): checkouts arrive at ``--rate`` per
+second (open loop: latency counts from the scheduled start, so a stall is not hidden) for
+``--rate-duration`` seconds. Each checkout is one ticket of one type; ``--ticket-types`` spreads
+the buyers over several types (1 = everyone on the same inventory row, the worst case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import asyncpg  # noqa: E402
+import httpx  # noqa: E402
+import nats  # noqa: E402
+
+from libs.actor import Actor, ActorType, Role  # noqa: E402
+from libs.commands import CommandClient  # noqa: E402
+from libs.context import ContextSigner, generate_key_pair, load_private_key  # noqa: E402
+from libs.errors import DomainError  # noqa: E402
+from libs.log import configure_logging  # noqa: E402
+from libs.servers import LocalServers, free_port  # noqa: E402
+from libs.settings import Settings  # noqa: E402
+
+PRICE = 25_000
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of ``values``, in the same unit."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+
+
+class Bench:
+    """One tenant, one event, signed commands."""
+
+    def __init__(self, client: CommandClient, ticket_types: int) -> None:
+        self.client = client
+        self.org = uuid.uuid4()
+        self.actor = Actor(user_id="bench", organization_id=self.org, role=Role.OWNER, type=ActorType.USER)
+        self.codes = [f"T{i}" for i in range(ticket_types)]
+        self.event_id = ""
+        self.n = 0
+
+    async def call(self, name: str, body: dict, timeout: float = 30.0) -> dict:
+        return await self.client.request(
+            f"vge.cmd.payments.{name}", body, actor=self.actor, org_id=self.org,
+            correlation_id=uuid.uuid4().hex, timeout=timeout,
+        )
+
+    async def setup(self) -> None:
+        start = datetime.now(UTC) + timedelta(days=30)
+        event = await self.call("create_event", {
+            "name": "bench", "starts_at": start.isoformat(),
+            "ends_at": (start + timedelta(hours=4)).isoformat(), "capacity": 10_000_000,
+            "ticket_types": [{"code": c, "name": c, "price": PRICE, "quantity": 1_000_000}
+                             for c in self.codes],
+        })
+        self.event_id = event["event_id"]
+
+    async def checkout(self) -> tuple[float, float]:
+        """One full checkout; returns (create seconds, complete seconds)."""
+        self.n += 1
+        code = self.codes[self.n % len(self.codes)]
+        t0 = time.perf_counter()
+        checkout = await self.call("create_checkout", {
+            "event_id": self.event_id, "items": [{"ticket_type": code, "quantity": 1}],
+            "customer_email": "bench@example.com"})
+        t1 = time.perf_counter()
+        done = await self.call("complete_checkout", {
+            "checkout_id": checkout["checkout_id"], "payment_token": "tok_ok",
+            "idempotency_key": uuid.uuid4().hex})
+        if done["status"] != "completed":
+            raise RuntimeError(f"checkout {done['status']}: {done.get('reason')}")
+        return t1 - t0, time.perf_counter() - t1
+
+
+async def flat_out(bench: Bench, clients: int, duration: float) -> dict:
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    stop_at = time.perf_counter() + duration
+
+    async def buyer() -> None:
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            try:
+                await bench.checkout()
+                latencies.append(time.perf_counter() - t)
+            except (DomainError, RuntimeError) as exc:
+                errors[type(exc).__name__ + ": " + str(exc)[:60]] += 1
+
+    began = time.perf_counter()
+    await asyncio.gather(*(buyer() for _ in range(clients)))
+    elapsed = time.perf_counter() - began
+    return {"completed": len(latencies), "seconds": elapsed, "rate": len(latencies) / elapsed,
+            "latencies": latencies, "errors": errors}
+
+
+async def fixed_rate(bench: Bench, rate: float, duration: float) -> dict:
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    total = int(rate * duration)
+    began = time.perf_counter()
+
+    async def one(i: int) -> None:
+        scheduled = began + i / rate
+        await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+        try:
+            await bench.checkout()
+            latencies.append(time.perf_counter() - scheduled)  # from when it should have started
+        except (DomainError, RuntimeError) as exc:
+            errors[type(exc).__name__ + ": " + str(exc)[:60]] += 1
+
+    await asyncio.gather(*(one(i) for i in range(total)))
+    elapsed = time.perf_counter() - began
+    return {"completed": len(latencies), "seconds": elapsed, "rate": len(latencies) / elapsed,
+            "latencies": latencies, "errors": errors}
+
+
+def report(title: str, result: dict) -> None:
+    ms = [x * 1000 for x in result["latencies"]]
+    print(f"\n{title}")
+    print(f"  completed checkouts : {result['completed']} in {result['seconds']:.1f} s "
+          f"= {result['rate']:.0f} checkouts/s")
+    if ms:
+        print(f"  latency per checkout (create + complete), ms: p50 {percentile(ms, 50):.1f}  "
+              f"p95 {percentile(ms, 95):.1f}  p99 {percentile(ms, 99):.1f}  "
+              f"max {max(ms):.1f}  mean {statistics.fmean(ms):.1f}")
+    errors = sum(result["errors"].values())
+    print(f"  errors              : {errors}" + (f" {dict(result['errors'])}" if errors else ""))
+
+
+async def wait_healthy(port: int, proc: subprocess.Popen | None, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as http:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise SystemExit(f"payments exited with {proc.returncode}")
+            try:
+                if (await http.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("payments did not become healthy")
+            await asyncio.sleep(0.2)
+
+
+async def run(args: argparse.Namespace) -> None:
+    configure_logging("WARNING", "console")
+    settings = Settings()
+    servers = None
+    urls = {"nats_url": settings.nats_url, "database_url": settings.database_url,
+            "redis_url": settings.redis_url or "redis://127.0.0.1:1/0"}
+    if not (settings.nats_url and settings.database_url):
+        data = Path(tempfile.mkdtemp(prefix="vge-bench-"))
+        servers = LocalServers(data, fsync=not args.no_fsync, redis=False).start()
+        urls.update(nats_url=servers.nats_url, database_url=servers.database_url)
+        print(f"servers: local in {data} (PostgreSQL fsync {'off' if args.no_fsync else 'on'})")
+    else:
+        print("servers: from VGE_*_URL")
+    private, public = generate_key_pair()
+    procs: list[subprocess.Popen] = []
+    runtimes = []
+    try:
+        if args.in_process:
+            from services.payments.bootstrap import build
+
+            for _ in range(args.replicas):
+                runtime = build(Settings(environment="test", nats_url=urls["nats_url"],
+                                         database_url=urls["database_url"], redis_url=urls["redis_url"],
+                                         context_public_keys=public, log_level="WARNING"))
+                await runtime.start()
+                runtimes.append(runtime)
+        else:
+            for _ in range(args.replicas):
+                port = free_port()
+                env = {**os.environ, "VGE_NATS_URL": urls["nats_url"],
+                       "VGE_DATABASE_URL": urls["database_url"], "VGE_REDIS_URL": urls["redis_url"],
+                       "VGE_CONTEXT_PUBLIC_KEYS": public, "VGE_HEALTH_PORT": str(port),
+                       "VGE_LOG_LEVEL": "WARNING", "VGE_LOG_FORMAT": "json"}
+                env.pop("VGE_PAYMENTS_CRASH_AFTER", None)
+                proc = subprocess.Popen([sys.executable, "-m", "services.payments"], cwd=ROOT, env=env)
+                procs.append(proc)
+                await wait_healthy(port, proc)
+        print(f"payments: {args.replicas} replica(s), {'in-process' if args.in_process else 'subprocess'}; "
+              f"{len(os.sched_getaffinity(0))} CPUs; ticket types: {args.ticket_types}")
+
+        nc = await nats.connect(urls["nats_url"])
+        client = CommandClient(nc, ContextSigner(load_private_key(private)), timeout=30)
+        bench = Bench(client, args.ticket_types)
+        await bench.setup()
+        for _ in range(20):  # warm up connections and code paths
+            await bench.checkout()
+
+        report(f"phase 1: {args.clients} concurrent clients, flat out, {args.duration:.0f} s",
+               await flat_out(bench, args.clients, args.duration))
+        await asyncio.sleep(1.0)
+        report(f"phase 2: fixed arrival rate {args.rate:.0f}/s, {args.rate_duration:.0f} s",
+               await fixed_rate(bench, args.rate, args.rate_duration))
+
+        # the books must still be right after the load
+        conn = await asyncpg.connect(urls["database_url"])
+        try:
+            sold = await conn.fetchval("SELECT count(*) FROM payments.tickets WHERE organization_id = $1",
+                                       bench.org)
+            receivable = await conn.fetchval(
+                "SELECT coalesce(sum(CASE side WHEN 'debit' THEN amount ELSE -amount END), 0) "
+                "FROM payments.journal_lines WHERE organization_id = $1 AND account = 'processor_receivable'",
+                bench.org)
+            backlog = await conn.fetchval("SELECT count(*) FROM payments.outbox WHERE published_at IS NULL")
+        finally:
+            await conn.close()
+        print(f"\ncheck: tickets sold {sold}, receivable {receivable} = sold x price: "
+              f"{receivable == sold * PRICE}; outbox rows not yet published: {backlog}")
+        await nc.close()
+    finally:
+        for runtime in runtimes:
+            await runtime.stop()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if servers is not None:
+            servers.stop()
+
+
+def main() -> None:
+    """Parse the arguments and run both phases."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=32, help="concurrent buyers in phase 1")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds of phase 1")
+    parser.add_argument("--rate", type=float, default=50.0, help="checkouts per second in phase 2")
+    parser.add_argument("--rate-duration", type=float, default=15.0, help="seconds of phase 2")
+    parser.add_argument("--replicas", type=int, default=1, help="payments processes")
+    parser.add_argument("--ticket-types", type=int, default=1, help="spread buyers over N types")
+    parser.add_argument("--in-process", action="store_true", help="run payments in this process")
+    parser.add_argument("--no-fsync", action="store_true", help="local PostgreSQL without fsync")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""Benchmark of the scan command over NATS (not a test: it prints numbers).
+
+    .venv/bin/python bench/bench_scan.py                 # all three phases, embedded servers
+    .venv/bin/python bench/bench_scan.py --devices 64 --seconds 10 --rate 1000 --offline 10000
+
+Phases: (1) flat out with N concurrent devices; (2) a fixed rate (open loop: latency includes
+queueing); (3) one offline batch. Prints throughput, p50/p95/p99, accepted/rejected counts and the
+number of double admissions found in the database (must be 0). The scanning service runs as its
+own process, as in production; servers come from VGE_*_URL or are started locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import httpx
+import nats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from libs.actor import Actor, ActorType  # noqa: E402
+from libs.commands import CommandClient  # noqa: E402
+from libs.context import ContextSigner, generate_key_pair, load_private_key  # noqa: E402
+from libs.contracts.catalog import EventCreated, TicketIssued, TicketTypeInfo  # noqa: E402
+from libs.errors import DomainError  # noqa: E402
+from libs.jetstream import ensure_streams  # noqa: E402
+from libs.log import configure_logging  # noqa: E402
+from libs.servers import free_port, resolve_server_urls  # noqa: E402
+from libs.settings import Settings  # noqa: E402
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def report(name: str, latencies: list[float], elapsed: float, accepted: int, rejected: int, errors: int) -> None:
+    n = len(latencies)
+    print(
+        f"{name}: {n} scans in {elapsed:.2f}s = {n / elapsed:,.0f} scans/s | "
+        f"p50 {pct(latencies, 50) * 1000:.2f} ms  p95 {pct(latencies, 95) * 1000:.2f} ms  "
+        f"p99 {pct(latencies, 99) * 1000:.2f} ms  max {max(latencies, default=0) * 1000:.1f} ms | "
+        f"accepted {accepted}  rejected {rejected}  errors {errors}",
+        flush=True,
+    )
+
+
+async def seed(js, org: uuid.UUID, event_id: uuid.UUID, tickets: int, dsn: str) -> list[str]:
+    now = datetime.now(UTC)
+    system = Actor.system("bench", org)
+    await js.publish(f"vge.evt.{org}.payments.event.created", EventCreated(
+        event_id=event_id, name="Bench", starts_at=now, ends_at=now + timedelta(hours=8), capacity=tickets,
+        ticket_types=[TicketTypeInfo(code="GA", name="GA", price=1000, quantity=tickets)],
+    ).envelope(org, system, "bench").to_bytes())
+    codes = [f"TKT-{uuid.uuid4().hex}" for _ in range(tickets)]
+    for i in range(0, tickets, 1000):
+        await asyncio.gather(*(
+            js.publish(f"vge.evt.{org}.payments.ticket.issued",
+                       TicketIssued(ticket_code=c, event_id=event_id, ticket_type="GA", issued_at=now)
+                       .envelope(org, system, "bench").to_bytes())
+            for c in codes[i:i + 1000]
+        ))
+    conn = await asyncpg.connect(dsn)
+    try:
+        t0 = time.monotonic()
+        while await conn.fetchval("SELECT count(*) FROM scanning.tickets WHERE organization_id = $1", org) < tickets:
+            if time.monotonic() - t0 > 300:
+                raise RuntimeError("registry did not fill")
+            await asyncio.sleep(0.2)
+    finally:
+        await conn.close()
+    return codes
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=10.0, help="flat-out phase length")
+    ap.add_argument("--rate", type=float, default=1000.0, help="fixed-rate phase, scans/s")
+    ap.add_argument("--rate-seconds", type=float, default=10.0)
+    ap.add_argument("--offline", type=int, default=10_000, help="offline batch size")
+    ap.add_argument("--duplicates", type=float, default=0.1, help="share of scans re-scanning a ticket")
+    ap.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args()
+    configure_logging("WARNING", "console")
+
+    data = Path(tempfile.mkdtemp(prefix="vge-bench-"))
+    urls, servers = resolve_server_urls(Settings(), data, allow_docker=False, fsync=args.fsync)
+    private, public = generate_key_pair()
+    port = free_port()
+    env = {**os.environ, "VGE_NATS_URL": urls["nats_url"], "VGE_DATABASE_URL": urls["database_url"],
+           "VGE_REDIS_URL": urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": public,
+           "VGE_HEALTH_PORT": str(port), "VGE_LOG_LEVEL": "WARNING"}
+    service = subprocess.Popen([sys.executable, "-m", "services.scanning"], env=env)
+    try:
+        async with httpx.AsyncClient() as http:
+            for _ in range(300):
+                try:
+                    if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+        nc = await nats.connect(urls["nats_url"])
+        js = nc.jetstream()
+        await ensure_streams(js)
+        client = CommandClient(nc, ContextSigner(load_private_key(private)), timeout=5.0)
+        org, event_id = uuid.uuid4(), uuid.uuid4()
+        expected = int(args.seconds * 6000) + int(args.rate * args.rate_seconds) + args.offline
+        print(f"seeding {expected:,} tickets ...", flush=True)
+        codes = await seed(js, org, event_id, expected, urls["database_url"])
+        devices = [Actor(user_id=f"bench-{n}", organization_id=org, role=None, type=ActorType.DEVICE)
+                   for n in range(args.devices)]
+        cursor = iter(codes)
+        seen: list[str] = []
+
+        async def scan_one(dev: Actor, latencies: list[float], tally: dict[str, int]) -> None:
+            if seen and random.random() < args.duplicates:
+                code = random.choice(seen)
+            else:
+                code = next(cursor)
+                seen.append(code)
+            body = {"event_id": str(event_id), "ticket_code": code, "direction": "entry",
+                    "gate": dev.user_id, "nonce": uuid.uuid4().hex}
+            t0 = time.perf_counter()
+            try:
+                reply = await client.request("vge.cmd.scanning.scan", body, actor=dev, org_id=org,
+                                             correlation_id=uuid.uuid4().hex)
+                latencies.append(time.perf_counter() - t0)
+                tally[reply["result"]] += 1
+            except DomainError:
+                tally["errors"] += 1
+
+        # phase 1: flat out
+        lat: list[float] = []
+        tally = {"accepted": 0, "rejected": 0, "errors": 0}
+        stop_at = time.perf_counter() + args.seconds
+
+        async def device_loop(dev: Actor) -> None:
+            while time.perf_counter() < stop_at:
+                await scan_one(dev, lat, tally)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(device_loop(d) for d in devices))
+        report(f"flat out, {args.devices} devices", lat, time.perf_counter() - t0, **tally)
+
+        # phase 2: fixed rate, open loop
+        lat2: list[float] = []
+        tally2 = {"accepted": 0, "rejected": 0, "errors": 0}
+        total = int(args.rate * args.rate_seconds)
+        tasks = []
+        t0 = time.perf_counter()
+        for i in range(total):
+            due = t0 + i / args.rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(scan_one(devices[i % len(devices)], lat2, tally2)))
+        await asyncio.gather(*tasks)
+        report(f"fixed {args.rate:,.0f}/s", lat2, time.perf_counter() - t0, **tally2)
+
+        # phase 3: one offline batch
+        batch_codes = list(cursor)[: args.offline]
+        start = datetime.now(UTC) - timedelta(minutes=30)
+        scans = [{"event_id": str(event_id), "ticket_code": c, "direction": "entry", "gate": "offline",
+                  "nonce": uuid.uuid4().hex, "scanned_at": (start + timedelta(milliseconds=n)).isoformat()}
+                 for n, c in enumerate(batch_codes)]
+        t0 = time.perf_counter()
+        reply = await client.request("vge.cmd.scanning.sync", {"scans": scans}, actor=devices[0], org_id=org,
+                                     correlation_id="offline", timeout=60)
+        elapsed = time.perf_counter() - t0
+        ok = sum(r["result"] == "accepted" for r in reply["results"])
+        print(f"offline batch: {len(scans):,} scans applied in {elapsed:.2f}s "
+              f"({len(scans) / elapsed:,.0f} scans/s), accepted {ok}", flush=True)
+
+        conn = await asyncpg.connect(urls["database_url"])
+        try:
+            doubles = await conn.fetchval(
+                "SELECT count(*) FROM (SELECT ticket_code FROM scanning.scans WHERE organization_id = $1 "
+                "AND result = 'accepted' AND direction = 'entry' GROUP BY ticket_code HAVING count(*) > 1) x", org)
+        finally:
+            await conn.close()
+        print(f"double admissions: {doubles}", flush=True)
+        await nc.close()
+    finally:
+        service.terminate()
+        service.wait(20)
+        if servers is not None:
+            servers.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,72 @@
+-- Appending a batch in a fixed number of round trips, whatever the number of tenants in it.
+-- Both functions run as the caller (SECURITY INVOKER): the service's login role, with row-level
+-- security, each tenant set with set_config(..., true) (SET LOCAL) before its rows are touched.
+
+-- Lock the chain heads of a batch's tenants (created at seq 0 if new), one tenant after the
+-- other in uuid order, so two instances never wait on each other in a cycle. For each, after
+-- its lock is held: the head and which of event_ids that tenant has recorded already (a fresh
+-- statement, so it sees what another instance committed while we waited for the lock).
+CREATE FUNCTION lock_chain_heads(orgs uuid[], event_ids uuid[])
+RETURNS TABLE (head_org uuid, head_seq bigint, head_hash text, known uuid[])
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    org uuid;
+BEGIN
+    FOR org IN SELECT DISTINCT o FROM unnest(orgs) AS o ORDER BY o LOOP
+        PERFORM set_config('vge.org_id', org::text, true);
+        INSERT INTO chain_heads (organization_id, last_seq, last_hash)
+            VALUES (org, 0, repeat('0', 64)) ON CONFLICT (organization_id) DO NOTHING;
+        PERFORM 1 FROM chain_heads h WHERE h.organization_id = org FOR UPDATE;
+        RETURN QUERY
+            SELECT h.organization_id, h.last_seq, h.last_hash,
+                   ARRAY(SELECT r.event_id FROM records r
+                         WHERE r.organization_id = org AND r.event_id = ANY(event_ids))
+            FROM chain_heads h WHERE h.organization_id = org;
+    END LOOP;
+END $$;
+
+-- Insert the chained records of every tenant of a batch and move each tenant's head, which must
+-- be where the records start (a head moved by anyone else is an error, never a fork).
+-- Row i of the record arrays belongs to tenant orgs[i]; heads are given per tenant.
+CREATE FUNCTION append_records(
+    orgs uuid[], seqs bigint[], event_ids uuid[], actions text[], resource_types text[],
+    resource_ids text[], user_ids text[], actor_orgs uuid[], roles text[], admins boolean[],
+    staff boolean[], actor_types text[], changes text[], correlation_ids text[],
+    causation_ids text[], occurred timestamptz[], recorded timestamptz, prev_hashes text[],
+    hashes text[], head_orgs uuid[], head_seqs bigint[], head_hashes text[]
+) RETURNS bigint
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    i int;
+    added bigint;
+    total bigint := 0;
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(head_orgs, 1), 0) LOOP
+        PERFORM set_config('vge.org_id', head_orgs[i]::text, true);
+        INSERT INTO records (
+            organization_id, seq, event_id, action, resource_type, resource_id, actor_user_id,
+            actor_organization_id, actor_role, actor_is_platform_admin, actor_is_platform_staff,
+            actor_type, change, correlation_id, causation_id, occurred_at, recorded_at,
+            prev_hash, hash)
+        SELECT t.org, t.seq, t.event_id, t.action, t.resource_type, t.resource_id, t.user_id,
+               t.actor_org, t.role, t.is_admin, t.is_staff, t.actor_type, t.change::json,
+               t.correlation_id, t.causation_id, t.occurred_at, recorded, t.prev_hash, t.hash
+        FROM unnest(orgs, seqs, event_ids, actions, resource_types, resource_ids, user_ids,
+                    actor_orgs, roles, admins, staff, actor_types, changes, correlation_ids,
+                    causation_ids, occurred, prev_hashes, hashes)
+             AS t(org, seq, event_id, action, resource_type, resource_id, user_id, actor_org,
+                  role, is_admin, is_staff, actor_type, change, correlation_id, causation_id,
+                  occurred_at, prev_hash, hash)
+        WHERE t.org = head_orgs[i];
+        GET DIAGNOSTICS added = ROW_COUNT;
+        UPDATE chain_heads
+            SET last_seq = head_seqs[i], last_hash = head_hashes[i], updated_at = now()
+            WHERE organization_id = head_orgs[i] AND last_seq = head_seqs[i] - added;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'chain head of % is not where its % new records start',
+                head_orgs[i], added;
+        END IF;
+        total := total + added;
+    END LOOP;
+    RETURN total;
+END $$;
