@@ -50,6 +50,7 @@ from libs.subjects import DEAD_LETTER_STREAM  # noqa: E402
 from libs.subjects import event as event_subject  # noqa: E402
 
 LAG_METRIC = "vge_audit_record_lag_seconds"
+HISTOGRAMS = (LAG_METRIC, "vge_audit_ingest_seconds", "vge_audit_ingest_batch_size")
 
 
 def parse_args() -> argparse.Namespace:
@@ -118,26 +119,28 @@ class AuditProcesses:
                         raise RuntimeError("audit did not become healthy")
                     await asyncio.sleep(0.1)
 
-    async def lag_histogram(self) -> dict[float, float]:
-        """Cumulative bucket counts of the lag histogram, summed over instances."""
-        buckets: dict[float, float] = {}
+    async def histograms(self) -> dict[str, dict[float, float]]:
+        """Cumulative bucket counts of the audit histograms, summed over instances."""
+        found: dict[str, dict[float, float]] = {name: {} for name in HISTOGRAMS}
         async with httpx.AsyncClient() as http:
             for port in self.ports:
                 text = (await http.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
                 for line in text.splitlines():
-                    if line.startswith(f"{LAG_METRIC}_bucket"):
+                    name = line.split("_bucket{", 1)[0]
+                    if name in found:
                         le = line.split('le="', 1)[1].split('"', 1)[0]
                         bound = float("inf") if le == "+Inf" else float(le)
+                        buckets = found[name]
                         buckets[bound] = buckets.get(bound, 0.0) + float(line.rsplit(" ", 1)[1])
-        return buckets
+        return found
 
-    async def settled_lag_histogram(self) -> dict[float, float]:
-        """The lag histogram once it stops moving (records are counted in the database a moment
+    async def settled_histograms(self) -> dict[str, dict[float, float]]:
+        """The histograms once they stop moving (records are counted in the database a moment
         before the service observes their lag, after its commit)."""
-        last = await self.lag_histogram()
+        last = await self.histograms()
         while True:
             await asyncio.sleep(0.3)
-            now = await self.lag_histogram()
+            now = await self.histograms()
             if now == last:
                 return now
             last = now
@@ -292,19 +295,34 @@ async def run(args: argparse.Namespace, urls: dict[str, str], work: Path) -> dic
             result["live_publish_events_per_s"] = round(args.events / (published - t0))
             result["live_ingest_events_per_s"] = round(args.events / (last - t0))
         if "paced" not in args.skip:
-            before = await audit.settled_lag_histogram()
+            before = await audit.settled_histograms()
             mark = time.time()
             sent = await pub.paced(args.rate, args.duration)
             expected += sent
             await wait_for(db, orgs, expected)
-            after = await audit.settled_lag_histogram()
+            after = await audit.settled_histograms()
             rows = await db.fetch(
-                "SELECT extract(epoch FROM recorded_at - occurred_at) AS lag FROM audit.records "
+                "SELECT extract(epoch FROM recorded_at - occurred_at) AS lag, "
+                "floor(extract(epoch FROM occurred_at) - $2) AS second FROM audit.records "
                 "WHERE organization_id = ANY($1::uuid[]) AND occurred_at >= to_timestamp($2)",
                 orgs, mark,
             )
             lags = sorted(float(r["lag"]) for r in rows)
-            delta = {b: after.get(b, 0) - before.get(b, 0) for b in after}
+            worst: dict[int, float] = {}
+            for r in rows:
+                worst[int(r["second"])] = max(worst.get(int(r["second"]), 0.0), float(r["lag"]))
+            delta = {
+                name: {b: after[name].get(b, 0) - before[name].get(b, 0) for b in after[name]}
+                for name in HISTOGRAMS
+            }
+
+            def quantiles(name: str, scale: float = 1000.0) -> dict[str, float | None]:
+                return {
+                    f"p{int(q * 100)}": None if (v := quantile_from_buckets(delta[name], q)) is None
+                    else round(v * scale, 1)
+                    for q in (0.5, 0.95, 0.99)
+                }
+
             result["paced"] = {
                 "target_events_per_s": args.rate, "seconds": args.duration, "sent": sent,
                 "lag_ms_at_insert": {
@@ -313,10 +331,10 @@ async def run(args: argparse.Namespace, urls: dict[str, str], work: Path) -> dic
                     "p99": round(percentile(lags, 0.99) * 1000, 1),
                     "max": round(lags[-1] * 1000, 1), "mean": round(statistics.fmean(lags) * 1000, 1),
                 },
-                "lag_ms_after_commit_histogram": {
-                    f"p{int(q * 100)}": None if (v := quantile_from_buckets(delta, q)) is None else round(v * 1000, 1)
-                    for q in (0.5, 0.95, 0.99)
-                },
+                "worst_lag_ms_per_second": [round(worst[k] * 1000) for k in sorted(worst)],
+                "lag_ms_after_commit_histogram": quantiles(LAG_METRIC),
+                "batch_ms_histogram": quantiles("vge_audit_ingest_seconds"),
+                "batch_size_histogram": quantiles("vge_audit_ingest_batch_size", 1.0),
             }
         # correctness of what was measured
         stats = await db.fetch(
@@ -375,6 +393,8 @@ def main() -> None:
         print(f"  lag at {paced['target_events_per_s']:.0f} ev/s (ms)           "
               f"p50 {lag['p50']}  p95 {lag['p95']}  p99 {lag['p99']}  max {lag['max']}")
         print(f"  after-commit histogram (ms)        {paced['lag_ms_after_commit_histogram']}")
+        print(f"  worst lag at insert per second     {paced['worst_lag_ms_per_second']}")
+        print(f"  batch time (ms) / batch size       {paced['batch_ms_histogram']} / {paced['batch_size_histogram']}")
     print(f"  errors                             {result['errors']}")
 
 

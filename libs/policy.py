@@ -39,6 +39,7 @@ class Action(StrEnum):
     OCCUPANCY_READ = "occupancy.read"
     CHECKOUT_CREATE = "checkout.create"
     CHECKOUT_COMPLETE = "checkout.complete"
+    CHECKOUT_READ = "checkout.read"
     CHECKOUT_REFUND = "checkout.refund"
     LEDGER_READ = "ledger.read"
     AUDIT_READ = "audit.read"
@@ -105,6 +106,7 @@ POLICY: Final[dict[Action, Rule]] = {
     Action.OCCUPANCY_READ:    _rule(_EVERYONE,  "device api_key system", platform_staff=True),
     Action.CHECKOUT_CREATE:   _rule(_STAFF,     "api_key system"),
     Action.CHECKOUT_COMPLETE: _rule(_STAFF,     "api_key system"),
+    Action.CHECKOUT_READ:     _rule(_STAFF,     "api_key system"),
     Action.CHECKOUT_REFUND:   _rule(_ADMINS,    "api_key system"),
     Action.LEDGER_READ:       _rule(_ADMINS,    "api_key system", platform_staff=True),
     Action.AUDIT_READ:        _rule(_ADMINS,    "system"),  # issue 5: owner/admin or platform admin

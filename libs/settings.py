@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     redis_timeout_seconds: float = 0.1
     command_timeout_seconds: float = 2.0
 
+    # payments
+    hold_ttl_seconds: float = Field(default=900.0, gt=0, description="How long a checkout holds tickets.")
+    hold_sweep_interval_seconds: float = Field(
+        default=5.0, gt=0, description="How often lapsed holds are released and idle sagas resumed."
+    )
+    payments_processor: Literal["fake"] = "fake"  # only the fake adapter exists yet
+    platform_fee_bps: int = Field(default=0, ge=0, le=10_000, description="Fee booked per sale.")
+    payments_crash_after: Literal["charging", "charge", "post"] | None = Field(
+        default=None, description="TEST ONLY: SIGKILL payments right after this saga step commits."
+    )
+
     @property
     def consumer_backoff(self) -> list[float]:
         """Redelivery delays of a JetStream consumer, one per failed attempt."""

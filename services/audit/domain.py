@@ -4,9 +4,9 @@ A record is one event as the audit log keeps it (design §4.3): tenant, actor (a
 action, resource, the change (the event's data without secrets), correlation and causation ids,
 when it happened and when it was recorded. Records form one chain per tenant: record ``seq`` n
 stores the hash of record n-1 (``prev_hash``; the first stores :data:`GENESIS_HASH`) and its own
-``hash`` = sha256(canonical JSON of {content: sha256(canonical JSON of all its other fields),
-prev_hash, seq}); the content digest is computed before the chain is locked, the outer hash under
-the lock. So an edited record no longer matches its hash, a re-hashed one no longer matches the hash its
+``hash`` = sha256("<seq>:<prev_hash>:<content digest>"), the content digest being sha256 of the
+canonical JSON of all its other fields; the digest is computed before the chain is locked, the
+outer hash under the lock. So an edited record no longer matches its hash, a re-hashed one no longer matches the hash its
 successor chained to, and a deleted one leaves a gap in ``seq``.
 
 Resource of an event: its type is the event type's entity (``scan`` for ``scan.accepted``) and
@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from datetime import UTC, datetime
 from typing import Any, Iterable, Literal, Mapping
 from uuid import UUID
@@ -141,7 +141,7 @@ def resource_of(event_type: str, data: Mapping[str, Any]) -> tuple[str, str | No
     return entity, None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: change_json is cached on the instance
 class Entry:
     """What one event says, before it takes its place in its tenant's chain."""
 
@@ -155,6 +155,11 @@ class Entry:
     correlation_id: str
     causation_id: str | None
     occurred_at: datetime
+
+    @cached_property
+    def change_json(self) -> str:
+        """The change's canonical JSON: what is stored and hashed (computed once per entry)."""
+        return canonical_json(self.change)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,10 +209,6 @@ def entry_from_envelope(envelope: Envelope) -> Entry:
     if envelope.occurred_at.utcoffset() is None:
         raise InvalidInput("event occurred_at has no timezone")
     change = strip_secrets(envelope.data)
-    try:
-        canonical_json(change)
-    except ValueError as exc:  # NaN or infinity: JSON cannot say it, so no hash can cover it
-        raise InvalidInput(f"event data cannot be recorded: {exc}") from None
     resource_type, resource_id = resource_of(envelope.type, envelope.data)
     for name, text in (
         ("correlation_id", envelope.correlation_id),
@@ -217,7 +218,7 @@ def entry_from_envelope(envelope: Envelope) -> Entry:
     ):
         if text is not None and "\x00" in text:  # PostgreSQL text cannot hold NUL
             raise InvalidInput(f"event {name} contains a NUL character")
-    return Entry(
+    entry = Entry(
         organization_id=envelope.org_id,
         event_id=envelope.event_id,
         action=envelope.type,
@@ -229,6 +230,11 @@ def entry_from_envelope(envelope: Envelope) -> Entry:
         causation_id=envelope.causation_id,
         occurred_at=envelope.occurred_at,
     )
+    try:
+        entry.change_json  # noqa: B018 - computed now (and kept) so a bad value fails here
+    except ValueError as exc:  # NaN or infinity: JSON cannot say it, so no hash can cover it
+        raise InvalidInput(f"event data cannot be recorded: {exc}") from None
+    return entry
 
 
 def _actor_fields(actor: Actor) -> dict[str, Any]:
@@ -287,14 +293,26 @@ def _sha256(text: str) -> str:
 
 
 def content_digest(entry: Entry, recorded_at: datetime | str) -> str:
-    """sha256 (hex) of the canonical JSON of the record's content."""
-    return _sha256(canonical_json(record_content(entry, recorded_at)))
+    """sha256 (hex) of the canonical JSON of the record's content (``record_content``)."""
+    # Built around the change's cached JSON rather than serializing it again: the keys before
+    # "change" in sorted order, the change, the keys after it. Same bytes as
+    # canonical_json(record_content(...)) (a unit test holds the two together).
+    content = record_content(entry, recorded_at)
+    del content["change"]
+    before = {k: content.pop(k) for k in _KEYS_BEFORE_CHANGE}
+    return _sha256(
+        f'{canonical_json(before)[:-1]},"change":{entry.change_json},{canonical_json(content)[1:]}'
+    )
+
+
+_KEYS_BEFORE_CHANGE = ("action", "actor", "causation_id")  # sorted keys of record_content < "change"
 
 
 def link_hash(digest: str, seq: int, prev_hash: str) -> str:
-    """A record's hash: sha256 of the canonical JSON of its content digest, ``seq`` and
-    ``prev_hash``. Cheap, so the part done while the tenant's chain is locked stays small."""
-    return _sha256(canonical_json({"content": digest, "prev_hash": prev_hash, "seq": seq}))
+    """A record's hash: sha256 of ``"<seq>:<prev_hash>:<content digest>"`` (all three of fixed
+    spelling: decimal, 64 hex, 64 hex). Cheap, so the work done while the tenant's chain is
+    locked stays small."""
+    return _sha256(f"{seq}:{prev_hash}:{digest}")
 
 
 def record_hash(entry: Entry, seq: int, recorded_at: datetime | str, prev_hash: str) -> str:

@@ -18,7 +18,6 @@ from libs.settings import Settings, get_settings
 from services.payments.adapters.faults import SagaFaults
 from services.payments.adapters.postgres import PaymentsStore
 from services.payments.adapters.processor import FakeProcessor, PaymentProcessor
-from services.payments.config import PaymentsSettings
 from services.payments.handlers import register_commands
 from services.payments.jobs import Sweeper
 from services.payments.saga import SERVICE, CheckoutSaga
@@ -28,12 +27,9 @@ __all__ = ["build", "main", "SERVICE", "MIGRATIONS"]
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def _setting(name: str, explicit: Any, settings: Settings, own: PaymentsSettings) -> Any:
-    # explicit argument > the shared Settings (once it has the field) > VGE_ env via own model
-    if explicit is not None:
-        return explicit
-    shared = getattr(settings, name, None)
-    return shared if shared is not None else getattr(own, name)
+def _setting(name: str, explicit: Any, settings: Settings) -> Any:
+    # an explicit argument (tests) wins over the settings
+    return explicit if explicit is not None else getattr(settings, name)
 
 
 def build(
@@ -49,14 +45,13 @@ def build(
 ) -> ServiceRuntime:
     """The payments service's runtime with its commands and background work registered.
 
-    Keyword arguments override the environment (tests use them; see ``config.PaymentsSettings``
-    for the ``VGE_`` variables). ``processor`` replaces the fake processor.
+    Keyword arguments override the settings (tests use them). ``processor`` replaces the fake
+    processor.
     """
-    own = PaymentsSettings()
-    ttl = float(_setting("hold_ttl_seconds", hold_ttl_seconds, settings, own))
-    interval = float(_setting("hold_sweep_interval_seconds", sweep_interval_seconds, settings, own))
-    fee_bps = int(_setting("platform_fee_bps", platform_fee_bps, settings, own))
-    crash = _setting("payments_crash_after", crash_after, settings, own)
+    ttl = float(_setting("hold_ttl_seconds", hold_ttl_seconds, settings))
+    interval = float(_setting("hold_sweep_interval_seconds", sweep_interval_seconds, settings))
+    fee_bps = int(_setting("platform_fee_bps", platform_fee_bps, settings))
+    crash = _setting("payments_crash_after", crash_after, settings)
     if settings.environment == "prod":
         crash = None  # a test switch must never kill production
 

@@ -226,7 +226,7 @@ def register_commands(
         """One checkout with its status, holds and tickets."""
         org = _tenant(ctx)
         # Reading a sale is for those who may sell (there is no separate read action yet).
-        authorize(ctx.actor, Action.CHECKOUT_CREATE, Resource("checkout", org, str(req.checkout_id)))
+        authorize(ctx.actor, Action.CHECKOUT_READ, Resource("checkout", org, str(req.checkout_id)))
         async with store.transaction(org, readonly=True) as conn:
             c = await store.load_checkout(conn, req.checkout_id)
             if c is None:

@@ -48,7 +48,8 @@ def test_vge_up_starts_everything_and_stops_cleanly(tmp_path: Path):
         for name, url in stack["health"].items():
             body = httpx.get(url, timeout=2).json()
             assert body == {**body, "service": name, "status": "ok"}
-            assert body["checks"] == {"nats": True, "postgres": True, "redis": True}
+            assert body["checks"]["nats"] is True and body["checks"]["postgres"] is True
+            assert body["checks"].get("redis", True) is True  # payments keeps nothing in Redis
         metrics = httpx.get(stack["gateway_url"] + "/metrics", timeout=2)
         assert metrics.status_code == 200 and "python_info" in metrics.text
         pids = list(stack["pids"].values()) + stack["server_pids"]

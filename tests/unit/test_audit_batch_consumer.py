@@ -142,7 +142,7 @@ async def test_without_a_batch_handler_nothing_changes() -> None:
 
 
 class FakeSubscription:
-    """Hands out prepared batches, then times out like an idle pull."""
+    """Hands out prepared batches, then times out like an idle pull (stands in for PullBatches)."""
 
     def __init__(self, batches: list[list[FakeMsg]]) -> None:
         self.batches = batches
@@ -153,7 +153,7 @@ class FakeSubscription:
         await asyncio.sleep(min(timeout, 0.05))
         raise TimeoutError
 
-    async def unsubscribe(self) -> None:
+    async def stop(self) -> None:
         pass
 
 
@@ -172,7 +172,7 @@ async def test_batches_in_flight_are_bounded_and_finish_when_stopped() -> None:
     batches = [[msg(3 * b + i) for i in range(3)] for b in range(3)]
     c = EventConsumer(FakeJetStream(), durable="audit", handler=Recorder().single,  # type: ignore[arg-type]
                       batch_handler=slow_batch, concurrency=2)
-    c._sub = FakeSubscription([list(b) for b in batches])  # type: ignore[assignment]
+    c._pull = FakeSubscription([list(b) for b in batches])  # type: ignore[assignment]
     c._task = asyncio.create_task(c._run())
     for _ in range(100):
         if len(seen) == 2:

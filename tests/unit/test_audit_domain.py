@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -14,6 +15,9 @@ from libs.envelope import Envelope
 from libs.errors import InvalidInput
 from services.audit.domain import (
     GENESIS_HASH,
+    canonical_json,
+    content_digest,
+    record_content,
     ChainHead,
     ChainVerifier,
     Record,
@@ -167,6 +171,18 @@ def test_hash_is_the_same_after_a_storage_round_trip() -> None:
         occurred_at=entry.occurred_at.astimezone(timezone(timedelta(hours=2))),
     )
     assert record_hash(stored, 1, T0, GENESIS_HASH) == record_hash(entry, 1, T0, GENESIS_HASH)
+
+
+def test_content_digest_is_sha256_of_the_canonical_content() -> None:
+    for entry in (
+        entry_from_envelope(envelope(1, nested={"z": [1, {"b": None}], "a": "é"})),
+        entry_from_envelope(envelope(2).model_copy(update={"causation_id": None, "data": {}})),
+    ):
+        expected = hashlib.sha256(canonical_json(record_content(entry, T0)).encode()).hexdigest()
+        assert content_digest(entry, T0) == expected
+    assert sorted(record_content(entry, T0)) == list(  # the splice relies on these being first
+        ("action", "actor", "causation_id", "change")) + sorted(
+        k for k in record_content(entry, T0) if k > "change")
 
 
 def test_chain_links_records_from_the_head() -> None:

@@ -53,6 +53,7 @@ EXPECTED: dict[Action, set[str]] = {
     Action.OCCUPANCY_READ: set(ACTORS),
     Action.CHECKOUT_CREATE: ADMINS | {"staff", "api_key", "system"},
     Action.CHECKOUT_COMPLETE: ADMINS | {"staff", "api_key", "system"},
+    Action.CHECKOUT_READ: ADMINS | {"staff", "api_key", "system"},
     Action.CHECKOUT_REFUND: ADMINS | {"api_key", "system"},
     Action.LEDGER_READ: ADMINS | {"api_key", "system"},
     Action.AUDIT_READ: ADMINS | {"system"},

@@ -7,8 +7,9 @@ transaction. Another instance appending to the same tenant waits on the lock and
 was committed, so an event already recorded (redelivered, or handled by two instances at once)
 is skipped, never chained twice. A batch locks its tenants' heads in one order (uuid order), so
 two instances never wait on each other in a cycle. Locking and inserting are two SQL functions
-(``migrations/0002_audit_append.sql``) so a batch costs the same four round trips whatever
-number of tenants it holds; both set each tenant with ``SET LOCAL`` before touching its rows.
+(``migrations/0002_audit_append.sql``, replaced by ``0003_audit_append_faster.sql``) so a batch
+costs the same four round trips whatever number of tenants it holds; both set each tenant with
+``SET LOCAL`` before touching its rows.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from services.audit.domain import (
     Entry,
     Record,
     Sealed,
-    canonical_json,
     chain,
     seal,
 )
@@ -46,7 +46,8 @@ _COLUMNS = (
 )
 
 # Four round trips per batch, whatever its tenants: BEGIN, lock the heads (and learn which
-# events are recorded already), insert and move the heads, COMMIT (migrations/0002_*.sql).
+# events are recorded already), insert and move the heads, COMMIT (migrations/0002_*.sql and
+# 0003_*.sql). The lock takes the tenant of each event id in a parallel array.
 _LOCK_HEADS = "SELECT head_org, head_seq, head_hash, known FROM lock_chain_heads($1::uuid[], $2::uuid[])"
 _APPEND = (
     "SELECT append_records($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], "
@@ -156,7 +157,9 @@ class PostgresAuditLog:
         heads: list[tuple[UUID, int, str]] = []
         async with self._pool.acquire() as conn:
             async with conn.transaction():
-                locked = await conn.fetch(_LOCK_HEADS, list(by_tenant), list(static))
+                locked = await conn.fetch(
+                    _LOCK_HEADS, [e.organization_id for e in unique.values()], list(unique)
+                )
                 for head in locked:
                     known = set(head["known"])
                     fresh = [i for i in by_tenant[head["head_org"]] if i.entry.event_id not in known]
@@ -233,7 +236,7 @@ def _static_columns(e: Entry) -> tuple[Any, ...]:
         a["is_platform_admin"],
         a["is_platform_staff"],
         a["type"],
-        canonical_json(e.change),
+        e.change_json,
         e.correlation_id,
         e.causation_id,
         e.occurred_at,
