@@ -154,6 +154,7 @@ async def main() -> None:
             while time.perf_counter() < stop_at:
                 await scan_one(dev, lat, tally)
 
+        print(f"flat out for {args.seconds:.0f}s (service pid {service.pid}) ...", flush=True)
         t0 = time.perf_counter()
         await asyncio.gather(*(device_loop(d) for d in devices))
         report(f"flat out, {args.devices} devices", lat, time.perf_counter() - t0, **tally)

@@ -73,7 +73,15 @@ def build(settings: Settings) -> ServiceRuntime:
     async def registry(envelope) -> None:
         await access().apply_catalog_event(envelope)
 
-    runtime.add_consumer(REGISTRY_CONSUMER, registry, filter_subject="vge.evt.*.payments.>")
+    async def registry_batch(envelopes) -> None:
+        await access().apply_catalog_events(envelopes)
+
+    # batches: a sale of thousands of tickets is thousands of events; a failing batch is
+    # retried event by event, so one poison event is dead-lettered alone
+    runtime.add_consumer(
+        REGISTRY_CONSUMER, registry, batch_handler=registry_batch, batch=500,
+        filter_subject="vge.evt.*.payments.>",
+    )
     return runtime
 
 

@@ -120,6 +120,14 @@ class AccessControl:
             self.cache.forget(envelope.org_id, code)
             await self.claims.release(envelope.org_id, code)
 
+    async def apply_catalog_events(self, envelopes: list[Envelope]) -> None:
+        """The same for a batch of events: one transaction per tenant."""
+        for e in await self.store.apply_catalog_events(REGISTRY_CONSUMER, envelopes):
+            if e.type == TicketCancelled.event_type:
+                code = e.data["ticket_code"]
+                self.cache.forget(e.org_id, code)
+                await self.claims.release(e.org_id, code)
+
     # -- internals ----------------------------------------------------------------------------
 
     async def _decide_batch(self, org: UUID, now: datetime, items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -93,6 +93,46 @@ class ScanningStore:
                 await self._ticket_cancelled(conn, envelope.org_id, TicketCancelled.from_envelope(envelope))
         return True
 
+    async def apply_catalog_events(self, consumer: str, envelopes: list[Envelope]) -> list[Envelope]:
+        """Apply a batch of payments events in one transaction per tenant (a sale of thousands
+        of tickets is thousands of events); returns the ones applied now. The order inside a
+        batch does not matter: an issue never revives a cancelled ticket."""
+        relevant: dict[UUID, list[Envelope]] = {}
+        for e in envelopes:
+            if e.type in _REGISTRY_EVENTS:
+                relevant.setdefault(e.org_id, []).append(e)
+        applied: list[Envelope] = []
+        for org, events in relevant.items():
+            async with tenant_transaction(self._pool, org) as conn:
+                fresh_ids = {
+                    r["event_id"]
+                    for r in await conn.fetch(
+                        "INSERT INTO processed_events (consumer, event_id) "
+                        "SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING RETURNING event_id",
+                        consumer, [e.event_id for e in events],
+                    )
+                }
+                fresh = [e for e in events if e.event_id in fresh_ids]
+                for e in fresh:
+                    if e.type == EventCreated.event_type:
+                        await self._event_created(conn, org, EventCreated.from_envelope(e))
+                issued = [TicketIssued.from_envelope(e) for e in fresh if e.type == TicketIssued.event_type]
+                if issued:
+                    await conn.execute(
+                        "INSERT INTO tickets (organization_id, ticket_code, event_id, ticket_type, issued_at) "
+                        "SELECT $1, * FROM unnest($2::text[], $3::uuid[], $4::text[], $5::timestamptz[]) "
+                        "ON CONFLICT (organization_id, ticket_code) DO UPDATE SET "
+                        "ticket_type = excluded.ticket_type, issued_at = excluded.issued_at "
+                        "WHERE tickets.ticket_type = ''",
+                        org, [t.ticket_code for t in issued], [t.event_id for t in issued],
+                        [t.ticket_type for t in issued], [t.issued_at for t in issued],
+                    )
+                for e in fresh:
+                    if e.type == TicketCancelled.event_type:
+                        await self._ticket_cancelled(conn, org, TicketCancelled.from_envelope(e))
+            applied += fresh
+        return applied
+
     @staticmethod
     async def _event_created(conn: asyncpg.Connection, org: UUID, e: EventCreated) -> None:
         valid_from = e.valid_from or (e.starts_at - timedelta(hours=6))
