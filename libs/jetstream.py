@@ -145,7 +145,8 @@ class PullBatches:
             self._open = None
             self._refused = status == "409"
             if self._refused:
-                log.warning("pull_refused", api=self._api, description=msg.headers.get("Description"))
+                reason = msg.headers.get("Description")
+                log.warning("pull_refused", api=self._api, description=reason)
         self._arrived.set()
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:

@@ -82,6 +82,18 @@ class RedisStore:
             out.append(None if won else holder)
         return out
 
+    async def claim_only(self, items: Sequence[tuple[str, str]], ttl_seconds: int) -> None:
+        """``SET NX EX`` for many keys in one round trip, without reading the holders back."""
+        if not items:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, value in items:
+                    pipe.set(key, value, nx=True, ex=ttl_seconds)
+                await pipe.execute()
+        except _DOWN as exc:
+            raise RedisUnavailable(f"redis: {exc}") from exc
+
     async def set_many(self, items: Sequence[tuple[str, str]], ttl_seconds: int) -> None:
         """Set many keys with an expiry in one round trip."""
         if not items:

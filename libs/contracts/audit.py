@@ -52,7 +52,10 @@ class QueryAudit(Command):
     since: datetime | None = Field(default=None, description="occurred_at at or after (inclusive).")
     until: datetime | None = Field(default=None, description="occurred_at before (exclusive).")
     cursor: str | None = Field(
-        default=None, max_length=18, pattern=r"^[0-9]+$", description="``next`` of the previous page."
+        default=None,
+        max_length=18,
+        pattern=r"^[0-9]+$",
+        description="``next`` of the previous page.",
     )
     limit: int = Field(default=100, ge=1, le=MAX_PAGE)
 

@@ -16,6 +16,7 @@ from libs.contracts.audit import AuditChainVerified
 from libs.db import create_pool, service_dsn
 from libs.errors import DomainError
 from libs.log import configure_logging
+from libs.runtime import MissingConfiguration
 from libs.settings import Settings
 from services.audit import handlers
 from services.audit.adapters.postgres import PostgresAuditLog
@@ -28,7 +29,7 @@ EXIT_OK, EXIT_BROKEN, EXIT_ERROR = 0, 1, 2
 
 async def _verify(settings: Settings, org: UUID) -> AuditChainVerified:
     if not (settings.service_database_url or settings.database_url):
-        raise DomainError("set VGE_DATABASE_URL (or VGE_SERVICE_DATABASE_URL) to verify")
+        raise MissingConfiguration("set VGE_DATABASE_URL (or VGE_SERVICE_DATABASE_URL) to verify")
     dsn = settings.service_database_url or service_dsn(
         settings.database_url or "", SERVICE, settings.db_role_password
     )
@@ -51,8 +52,8 @@ def verify_cli(org_id: str) -> int:
     configure_logging(settings.log_level, settings.log_format, service=SERVICE)
     try:
         result = asyncio.run(_verify(settings, org))
-    except DomainError as exc:
-        print(exc.detail, file=sys.stderr)
+    except (DomainError, MissingConfiguration) as exc:
+        print(getattr(exc, "detail", None) or str(exc), file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - an operator tool: say what failed, no traceback
         print(f"could not verify: {exc!r}", file=sys.stderr)

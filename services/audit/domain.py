@@ -1,13 +1,14 @@
-"""The audit log's rules, with no I/O: what a record says, how records chain, how a chain is checked.
+"""The audit log's rules, no I/O: what a record says, how records chain, how a chain is checked.
 
 A record is one event as the audit log keeps it (design §4.3): tenant, actor (all six fields),
 action, resource, the change (the event's data without secrets), correlation and causation ids,
 when it happened and when it was recorded. Records form one chain per tenant: record ``seq`` n
 stores the hash of record n-1 (``prev_hash``; the first stores :data:`GENESIS_HASH`) and its own
 ``hash`` = sha256("<seq>:<prev_hash>:<content digest>"), the content digest being sha256 of the
-canonical JSON of all its other fields; the digest is computed before the chain is locked, the
-outer hash under the lock. So an edited record no longer matches its hash, a re-hashed one no longer matches the hash its
-successor chained to, and a deleted one leaves a gap in ``seq``.
+canonical JSON of all its other fields (computed before the chain is locked; the outer hash is
+all that is left to do under the lock). So an edited record no longer matches its hash, a
+re-hashed one no longer matches the hash its successor chained to, and a deleted one leaves a
+gap in ``seq``.
 
 Resource of an event: its type is the event type's entity (``scan`` for ``scan.accepted``) and
 its id the entity's own id field in the data (``scan_id`` or ``scan_code``); when the data has
@@ -21,8 +22,8 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
 from datetime import UTC, datetime
+from functools import cached_property, lru_cache
 from typing import Any, Iterable, Literal, Mapping
 from uuid import UUID
 
@@ -258,8 +259,9 @@ def canonical_json(value: Any) -> str:
     return _CANONICAL.encode(value)
 
 
+# check_circular off: the values are parsed JSON and the records built from them, never cyclic
 _CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False, check_circular=False
 )
 
 
@@ -292,6 +294,9 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
+_KEYS_BEFORE_CHANGE = ("action", "actor", "causation_id")  # record_content keys < "change"
+
+
 def content_digest(entry: Entry, recorded_at: datetime | str) -> str:
     """sha256 (hex) of the canonical JSON of the record's content (``record_content``)."""
     # Built around the change's cached JSON rather than serializing it again: the keys before
@@ -304,8 +309,6 @@ def content_digest(entry: Entry, recorded_at: datetime | str) -> str:
         f'{canonical_json(before)[:-1]},"change":{entry.change_json},{canonical_json(content)[1:]}'
     )
 
-
-_KEYS_BEFORE_CHANGE = ("action", "actor", "causation_id")  # sorted keys of record_content < "change"
 
 
 def link_hash(digest: str, seq: int, prev_hash: str) -> str:
@@ -384,8 +387,11 @@ class ChainVerifier:
         expected = self.last_seq + 1
         if record.seq != expected:
             # the records are read in seq order, so a different seq can only be a later one
-            missing = f"{expected}" if record.seq == expected + 1 else f"{expected}..{record.seq - 1}"
-            return ChainProblem(expected, "missing", f"record(s) {missing} missing before {record.seq}")
+            last_missing = record.seq - 1
+            missing = f"{expected}" if last_missing == expected else f"{expected}..{last_missing}"
+            return ChainProblem(
+                expected, "missing", f"record(s) {missing} missing before {record.seq}"
+            )
         own = record_hash(record.entry, record.seq, record.recorded_at, record.prev_hash)
         if own != record.hash:
             return ChainProblem(
@@ -401,7 +407,8 @@ class ChainVerifier:
             # after the later one had chained to it: the earlier one is the edited record.
             return ChainProblem(
                 self._last.seq, "broken_link",
-                f"hash differs from the one record {record.seq} chained to (rewritten and re-hashed)",
+                f"hash differs from the one record {record.seq} chained to "
+                "(rewritten and re-hashed)",
                 self._last.entry.event_id,
             )
         return None
@@ -412,7 +419,9 @@ class ChainVerifier:
             return self.problem
         if head is None:
             if self._last is not None:
-                self.problem = ChainProblem(self.last_seq, "broken_link", "records without a chain head")
+                self.problem = ChainProblem(
+                    self.last_seq, "broken_link", "records without a chain head"
+                )
         elif head.seq > self.last_seq:
             first = self.last_seq + 1
             missing = f"{first}" if head.seq == first else f"{first}..{head.seq}"

@@ -7,7 +7,7 @@ policy checks and the order of things.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 from uuid import UUID
 
 from pydantic import ValidationError
@@ -68,13 +68,16 @@ def _tenant(ctx: CommandContext, requested: UUID | None) -> UUID:
 
 
 async def _record_cross_tenant_read(
-    store: PostgresAuditLog, ctx: CommandContext, org: UUID, command: str, filters: dict[str, Any]
+    store: PostgresAuditLog,
+    ctx: CommandContext,
+    org: UUID,
+    command: Literal["query", "verify"],
+    filters: dict[str, Any],
 ) -> None:
     """Put a platform admin's read of ``org`` into ``org``'s own chain before the read happens
     (design §4.1), and publish it like every other event (same event id: recorded once)."""
-    envelope = CrossTenantRead(organization_id=org, command=command, filters=filters).envelope(  # type: ignore[arg-type]
-        org, ctx.actor, ctx.correlation_id, causation_id=ctx.message_id
-    )
+    read = CrossTenantRead(organization_id=org, command=command, filters=filters)
+    envelope = read.envelope(org, ctx.actor, ctx.correlation_id, causation_id=ctx.message_id)
     appended = await store.append([entry_from_envelope(envelope)], utcnow(), publish=[envelope])
     metrics.RECORDS_APPENDED.inc(len(appended))
     metrics.CROSS_TENANT_READS.inc()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable, Sequence
 from uuid import UUID
@@ -53,10 +53,18 @@ def claim_key(org_id: UUID, ticket_code: str) -> str:
 
 def encode_admission(admission: Admission) -> str:
     """Redis value of an admission."""
-    data = asdict(admission)
-    data["event_id"] = str(admission.event_id)
-    data["first_admitted_at"] = admission.first_admitted_at.isoformat()
-    return json.dumps(data, separators=(",", ":"))
+    # by hand, not dataclasses.asdict (a deep copy): this runs for every admission
+    return json.dumps(
+        {
+            "event_id": str(admission.event_id),
+            "ticket_type": admission.ticket_type,
+            "first_admitted_at": admission.first_admitted_at.isoformat(),
+            "first_gate": admission.first_gate,
+            "device_id": admission.device_id,
+            "nonce": admission.nonce,
+        },
+        separators=(",", ":"),
+    )
 
 
 def decode_admission(value: str | None) -> Admission | None:

@@ -22,6 +22,7 @@ from uuid import UUID
 
 import asyncpg
 
+from libs.db import tenant_transaction
 from libs.envelope import Envelope
 from libs.outbox import add_events
 from services.audit.domain import (
@@ -46,9 +47,11 @@ _COLUMNS = (
 )
 
 # Four round trips per batch, whatever its tenants: BEGIN, lock the heads (and learn which
-# events are recorded already), insert and move the heads, COMMIT (migrations/0002_*.sql and
-# 0003_*.sql). The lock takes the tenant of each event id in a parallel array.
-_LOCK_HEADS = "SELECT head_org, head_seq, head_hash, known FROM lock_chain_heads($1::uuid[], $2::uuid[])"
+# events are recorded already), insert and move the heads, COMMIT (migrations 0002 and 0003).
+# The lock takes the tenant of each event id in a parallel array.
+_LOCK_HEADS = (
+    "SELECT head_org, head_seq, head_hash, known FROM lock_chain_heads($1::uuid[], $2::uuid[])"
+)
 _APPEND = (
     "SELECT append_records($1::uuid[], $2::bigint[], $3::uuid[], $4::text[], $5::text[], "
     "$6::text[], $7::text[], $8::uuid[], $9::text[], $10::boolean[], $11::boolean[], $12::text[], "
@@ -70,14 +73,11 @@ class RecordFilters:
     until: datetime | None = None
 
 
-def _uuid(value: Any) -> UUID | None:
-    return None if value is None else UUID(str(value))
-
-
 def _record(row: asyncpg.Record) -> Record:
+    actor_org = row["actor_organization_id"]
     actor = {
         "user_id": row["actor_user_id"],
-        "organization_id": None if row["actor_organization_id"] is None else str(row["actor_organization_id"]),
+        "organization_id": None if actor_org is None else str(actor_org),
         "role": row["actor_role"],
         "is_platform_admin": row["actor_is_platform_admin"],
         "is_platform_staff": row["actor_is_platform_staff"],
@@ -162,7 +162,8 @@ class PostgresAuditLog:
                 )
                 for head in locked:
                     known = set(head["known"])
-                    fresh = [i for i in by_tenant[head["head_org"]] if i.entry.event_id not in known]
+                    tenant = by_tenant[head["head_org"]]
+                    fresh = [i for i in tenant if i.entry.event_id not in known]
                     if fresh:
                         records, new = chain(fresh, ChainHead(head["head_seq"], head["head_hash"]))
                         appended += records
@@ -180,7 +181,7 @@ class PostgresAuditLog:
     async def query(
         self, org: UUID, filters: RecordFilters, *, after_seq: int, limit: int
     ) -> list[Record]:
-        """Up to ``limit`` of the tenant's records after ``after_seq`` that match, in chain order."""
+        """Up to ``limit`` matching records of the tenant after ``after_seq``, in chain order."""
         where = ["organization_id = $1", "seq > $2"]
         args: list[Any] = [org, after_seq]
         for column, op, value in (
@@ -200,17 +201,16 @@ class PostgresAuditLog:
             f"SELECT {_COLUMNS} FROM records WHERE {' AND '.join(where)} "
             f"ORDER BY seq LIMIT ${len(args)}"
         )
-        async with self._pool.acquire() as conn:
-            async with conn.transaction(readonly=True):
-                # row-level security shows only this tenant's rows, whatever the filters say
-                await conn.execute(_SET_TENANT, str(org))
-                rows = await conn.fetch(sql, *args)
+        # row-level security shows only this tenant's rows, whatever the filters say
+        async with tenant_transaction(self._pool, org, readonly=True) as conn:
+            rows = await conn.fetch(sql, *args)
         return [_record(r) for r in rows]
 
     @asynccontextmanager
     async def snapshot(self, org: UUID) -> AsyncIterator[ChainSnapshot]:
         """A consistent view of one tenant's chain (head and records from one snapshot, so
-        appends committed meanwhile are not half-seen as a broken chain)."""
+        appends committed meanwhile are not half-seen as a broken chain). Like
+        ``libs.db.tenant_transaction``, which offers no REPEATABLE READ."""
         async with self._pool.acquire() as conn:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 await conn.execute(_SET_TENANT, str(org))
@@ -231,7 +231,7 @@ def _static_columns(e: Entry) -> tuple[Any, ...]:
         e.resource_type,
         e.resource_id,
         a["user_id"],
-        _uuid(a["organization_id"]),
+        a["organization_id"],  # text: asyncpg encodes it as uuid without a UUID object
         a["role"],
         a["is_platform_admin"],
         a["is_platform_staff"],

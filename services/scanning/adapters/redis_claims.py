@@ -56,7 +56,7 @@ class AdmissionClaims:
         if not (admissions or replaced) or self._store is None or not self._breaker.closed:
             return
         try:
-            await self._store.claim_many(
+            await self._store.claim_only(
                 [(claim_key(org, code), encode_admission(a)) for org, code, a in admissions],
                 self._window,
             )

@@ -1,0 +1,132 @@
+"""Scanning's pure logic: the dedup tiers' rules, the apply order, the breaker, the batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from libs.contracts.scanning import Direction, OfflineScan
+from services.scanning.adapters.batching import DecisionBatcher
+from services.scanning.domain import (
+    Admission,
+    AdmissionCache,
+    Breaker,
+    claim_key,
+    decode_admission,
+    duplicate_of,
+    encode_admission,
+    offline_apply_order,
+)
+
+EVENT = uuid.uuid4()
+ORG = uuid.uuid4()
+NOW = datetime(2026, 11, 22, 18, 0, tzinfo=UTC)
+ADMISSION = Admission(EVENT, "GA", NOW, "North", "device-1", "n1")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_admission_survives_redis_encoding_and_garbage_is_ignored():
+    assert decode_admission(encode_admission(ADMISSION)) == ADMISSION
+    for bad in (None, "", "pending", "{}", '{"event_id": "nope"}', "[1]"):
+        assert decode_admission(bad) is None
+    assert claim_key(ORG, "TKT-1") == f"voelgoed:scans:{ORG}:TKT-1"
+
+
+@pytest.mark.parametrize(
+    ("direction", "event_id", "device", "nonce", "duplicate"),
+    [
+        (Direction.ENTRY, EVENT, "device-2", "x", True),  # another gate: a duplicate
+        (Direction.ENTRY, EVENT, "device-1", "n2", True),  # same gate, new scan: a duplicate
+        (Direction.ENTRY, EVENT, "device-1", "n1", False),  # the admitting scan's retry
+        (Direction.EXIT, EVENT, "device-2", "x", False),  # exits are the authority's
+        (Direction.ENTRY, uuid.uuid4(), "device-2", "x", False),  # another event: wrong_event
+    ],
+)
+def test_known_duplicate_rules(direction, event_id, device, nonce, duplicate):
+    got = duplicate_of(ADMISSION, event_id=event_id, direction=direction, device_id=device, nonce=nonce)
+    assert (got is ADMISSION) is duplicate
+    assert duplicate_of(None, event_id=EVENT, direction=Direction.ENTRY, device_id="d", nonce="n") is None
+
+
+def test_cache_expires_keeps_the_first_and_stays_bounded():
+    clock = Clock()
+    cache = AdmissionCache(ttl_seconds=10, max_entries=2, clock=clock)
+    cache.put(ORG, "a", ADMISSION)
+    later = Admission(EVENT, "GA", NOW + timedelta(minutes=1), "South", "device-2", "n9")
+    cache.put(ORG, "a", later)
+    assert cache.get(ORG, "a") == ADMISSION  # the first admission stays
+    cache.put(ORG, "a", later, replace=True)
+    assert cache.get(ORG, "a") == later  # unless the authority moved it
+    cache.put(ORG, "b", ADMISSION)
+    cache.get(ORG, "a")  # a is now the most recently used
+    cache.put(ORG, "c", ADMISSION)
+    assert len(cache) == 2 and cache.get(ORG, "b") is None and cache.get(ORG, "a") is not None
+    clock.now = 11
+    assert cache.get(ORG, "a") is None
+    cache.put(ORG, "d", ADMISSION)
+    cache.forget(ORG, "d")
+    assert cache.get(ORG, "d") is None
+
+
+def test_offline_batch_applies_in_device_time_order_ties_by_upload():
+    def scan(minute: int, nonce: str) -> OfflineScan:
+        return OfflineScan(event_id=EVENT, ticket_code="T", nonce=nonce, scanned_at=NOW + timedelta(minutes=minute))
+
+    scans = [scan(5, "a"), scan(1, "b"), scan(5, "c"), scan(0, "d")]
+    assert [scans[i].nonce for i in offline_apply_order(scans)] == ["d", "b", "a", "c"]
+
+
+def test_breaker_opens_for_its_cooldown():
+    clock = Clock()
+    breaker = Breaker(cooldown_seconds=1.0, clock=clock)
+    assert breaker.closed
+    breaker.failed()
+    assert not breaker.closed
+    clock.now = 1.0
+    assert breaker.closed
+
+
+async def test_batcher_decides_what_arrived_meanwhile_in_one_call():
+    calls: list[int] = []
+    gate = asyncio.Event()
+
+    async def decide(org, now, scans):
+        calls.append(len(scans))
+        if len(calls) == 1:
+            await gate.wait()  # the first round trip is slow: the rest queue up
+        return [{"i": s["i"], "code": s["code"]} for s in scans]
+
+    batcher = DecisionBatcher(decide)
+    first = asyncio.create_task(batcher.submit(ORG, {"code": "0"}))
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(batcher.submit(ORG, {"code": str(n)})) for n in range(1, 50)]
+    await asyncio.sleep(0)
+    gate.set()
+    results = await asyncio.gather(first, *rest)
+    assert [r["code"] for r in results] == [str(n) for n in range(50)]
+    assert calls == [1, 49]
+
+
+async def test_batcher_hands_a_failure_to_every_waiter_and_goes_on():
+    fail = True
+
+    async def decide(org, now, scans):
+        if fail:
+            raise RuntimeError("database down")
+        return [{"i": s["i"]} for s in scans]
+
+    batcher = DecisionBatcher(decide)
+    outcomes = await asyncio.gather(*(batcher.submit(ORG, {}) for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    fail = False
+    assert await batcher.submit(ORG, {}) == {"i": 0}
