@@ -66,6 +66,38 @@ def up(
         stack.stop()
 
 
+audit = typer.Typer(help="The audit log.", no_args_is_help=True)
+app.add_typer(audit, name="audit")
+
+
+def _stack_env(data_dir: Path) -> dict[str, str]:
+    """The environment a one-off command needs: VGE_*_URL if set, else the running `vge up`."""
+    import json
+    import os
+
+    env = dict(os.environ)
+    stack_file = data_dir / "stack.json"
+    if not env.get("VGE_DATABASE_URL") and stack_file.exists():
+        stack = json.loads(stack_file.read_text())
+        env.update(VGE_NATS_URL=stack["nats_url"], VGE_DATABASE_URL=stack["database_url"],
+                   VGE_REDIS_URL=stack["redis_url"])
+    return env
+
+
+@audit.command("verify")
+def audit_verify(
+    org_id: Annotated[str, typer.Argument(help="The tenant whose chain to walk.")],
+    data_dir: Annotated[Path | None, typer.Option(help="Data folder of a running `vge up`.")] = None,
+) -> None:
+    """Walk a tenant's audit chain; print the first broken link or gap as JSON (exit 1)."""
+    import subprocess
+
+    # libs never imports a service: the audit service's own CLI runs in its own process
+    env = _stack_env(data_dir or get_settings().data_dir)
+    result = subprocess.run([sys.executable, "-m", "services.audit.cli", "verify", org_id], env=env)
+    raise typer.Exit(result.returncode)
+
+
 def main() -> None:
     """Entry point of the ``vge`` command."""
     app()

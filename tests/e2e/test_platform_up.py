@@ -52,6 +52,12 @@ def test_vge_up_starts_everything_and_stops_cleanly(tmp_path: Path):
             assert body["checks"].get("redis", True) is True  # payments keeps nothing in Redis
         metrics = httpx.get(stack["gateway_url"] + "/metrics", timeout=2)
         assert metrics.status_code == 200 and "python_info" in metrics.text
+        # the operator CLI finds the running stack by itself
+        org = "5f0b7e4a-0000-4000-8000-000000000001"
+        verify = subprocess.run([str(vge), "audit", "verify", org, "--data-dir", str(data_dir)],
+                                env=env, capture_output=True, timeout=60)
+        assert verify.returncode == 0, verify.stderr.decode()[-2000:]
+        assert json.loads(verify.stdout)["ok"] is True
         pids = list(stack["pids"].values()) + stack["server_pids"]
         assert len(stack["server_pids"]) == 3
     finally:
