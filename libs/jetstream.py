@@ -29,6 +29,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from prometheus_client import Counter
 from pydantic import ValidationError
 
+from libs.background import cancel_and_wait
 from libs.envelope import Envelope
 from libs.log import bound_correlation, get_logger
 from libs.subjects import (
@@ -257,13 +258,8 @@ class EventConsumer:
 
     async def stop(self) -> None:
         """Stop pulling; messages in flight finish, unacked ones are redelivered later."""
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()

@@ -15,6 +15,7 @@ import asyncpg
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
+from libs.background import cancel_and_wait
 from libs.db import CONNECTION_ERRORS, check_identifier
 from libs.envelope import Envelope
 from libs.log import get_logger
@@ -127,13 +128,8 @@ class OutboxRelay:
 
     async def stop(self) -> None:
         """Stop after the current batch."""
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         await self._unlisten()
 
     def wake(self) -> None:

@@ -15,6 +15,7 @@ from uuid import UUID
 
 from prometheus_client import Counter
 
+from libs.background import cancel_and_wait
 from libs.actor import Actor
 from libs.contracts.payments import CheckoutExpired
 from libs.envelope import utcnow
@@ -110,13 +111,8 @@ class Sweeper:
 
     async def stop(self) -> None:
         """Stop after the current pass."""
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -2,26 +2,35 @@
 -- Both functions run as the caller (SECURITY INVOKER): the service's login role, with row-level
 -- security, each tenant set with set_config(..., true) (SET LOCAL) before its rows are touched.
 
--- Lock the chain heads of a batch's tenants (created at seq 0 if new), one tenant after the
--- other in uuid order, so two instances never wait on each other in a cycle. For each, after
--- its lock is held: the head and which of event_ids that tenant has recorded already (a fresh
--- statement, so it sees what another instance committed while we waited for the lock).
+-- Neither function has a SET search_path clause: setting it on every call cost more than a
+-- small batch's work; the service's connections and the migrations resolve these tables in
+-- the audit schema first. lock_chain_heads finds recorded events through the event_id index
+-- (orgs[i] is the tenant of event_ids[i]), one probe per event.
+
 CREATE FUNCTION lock_chain_heads(orgs uuid[], event_ids uuid[])
 RETURNS TABLE (head_org uuid, head_seq bigint, head_hash text, known uuid[])
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     org uuid;
 BEGIN
     FOR org IN SELECT DISTINCT o FROM unnest(orgs) AS o ORDER BY o LOOP
         PERFORM set_config('vge.org_id', org::text, true);
-        INSERT INTO chain_heads (organization_id, last_seq, last_hash)
-            VALUES (org, 0, repeat('0', 64)) ON CONFLICT (organization_id) DO NOTHING;
-        PERFORM 1 FROM chain_heads h WHERE h.organization_id = org FOR UPDATE;
-        RETURN QUERY
-            SELECT h.organization_id, h.last_seq, h.last_hash,
-                   ARRAY(SELECT r.event_id FROM records r
-                         WHERE r.organization_id = org AND r.event_id = ANY(event_ids))
-            FROM chain_heads h WHERE h.organization_id = org;
+        SELECT h.last_seq, h.last_hash INTO head_seq, head_hash
+            FROM chain_heads h WHERE h.organization_id = org FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO chain_heads (organization_id, last_seq, last_hash)
+                VALUES (org, 0, repeat('0', 64)) ON CONFLICT (organization_id) DO NOTHING;
+            SELECT h.last_seq, h.last_hash INTO head_seq, head_hash
+                FROM chain_heads h WHERE h.organization_id = org FOR UPDATE;
+        END IF;
+        head_org := org;
+        -- a statement of its own, after the lock: it sees what another instance committed
+        -- while this one waited
+        known := ARRAY(SELECT r.event_id
+                       FROM unnest(orgs, event_ids) AS x(o, id)
+                       JOIN records r ON r.event_id = x.id
+                       WHERE x.o = org);
+        RETURN NEXT;
     END LOOP;
 END $$;
 
@@ -35,7 +44,7 @@ CREATE FUNCTION append_records(
     causation_ids text[], occurred timestamptz[], recorded timestamptz, prev_hashes text[],
     hashes text[], head_orgs uuid[], head_seqs bigint[], head_hashes text[]
 ) RETURNS bigint
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql AS $$
 DECLARE
     i int;
     added bigint;
