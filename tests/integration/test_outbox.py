@@ -55,7 +55,7 @@ async def _stream_messages(js, subject: str) -> list[bytes]:
         while True:
             try:
                 msgs = await sub.fetch(100, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own subclass or the plain one
                 break
             for m in msgs:
                 out.append(m)
