@@ -88,6 +88,12 @@ BEGIN
             v_first_at := (s->>'pre_first_at')::timestamptz;
             v_first_gate := s->>'pre_first_gate';
             v_type := s->>'pre_ticket_type';
+            -- no lock needed for a known duplicate, but a cancellation another replica consumed
+            -- must still win over this replica's cached admission
+            IF EXISTS (SELECT 1 FROM tickets WHERE organization_id = p_org
+                       AND ticket_code = s->>'code' AND status = 'cancelled') THEN
+                v_reason := 'cancelled'; v_first_at := NULL; v_first_gate := NULL;
+            END IF;
         ELSE
             SELECT * INTO t FROM tickets WHERE organization_id = p_org AND ticket_code = s->>'code';
             IF NOT FOUND THEN

@@ -91,3 +91,18 @@ async def test_redis_key_deleted_between_scans(start_service, seed, admin_dsn, r
         await r.aclose()
     row = await _recorded(admin_dsn, v.org, code)
     assert (row["accepted"], row["scans"], row["entries"]) == (1, 201, 1)
+
+
+async def test_cancellation_beats_every_replicas_cached_admission(start_service, seed):
+    replicas = [await start_service(build) for _ in range(2)]
+    v = await seed(tickets=1)
+    code = v.tickets[0]
+    assert (await v.scan(code)).result == "accepted"
+    for _ in range(40):  # until the queue group has sent a duplicate to each replica
+        if all(rep.components["access"].cache.get(v.org, code) for rep in replicas):
+            break
+        await asyncio.gather(*(v.scan(code, dev=n) for n in range(2, 7)))
+    assert all(rep.components["access"].cache.get(v.org, code) for rep in replicas)  # both cached it
+    await v.cancel(code)
+    again = await asyncio.gather(*(v.scan(code, dev=n) for n in range(2, 22)))
+    assert {(d.result, d.reason) for d in again} == {("rejected", "cancelled")}
