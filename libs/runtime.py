@@ -84,6 +84,7 @@ class ServiceRuntime:
         # the service's wired components by name (handlers, stores), for introspection and tests
         self.components: dict[str, Any] = {}
         self._consumer_specs: list[dict[str, Any]] = []
+        self._publishes: list[type[Any]] = []
         self._consumers: list[EventConsumer] = []
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
@@ -97,6 +98,10 @@ class ServiceRuntime:
     def add_consumer(self, durable: str, handler: EventHandler, **options: Any) -> None:
         """Consume ``VGE_EVENTS`` with a durable consumer once the runtime has started."""
         self._consumer_specs.append({"durable": durable, "handler": handler, **options})
+
+    def publishes(self, *events: type[Any]) -> None:
+        """Declare the event models this service publishes (for its AsyncAPI description)."""
+        self._publishes.extend(events)
 
     def on_start(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run ``fn`` after the connections are up and before commands are served."""
@@ -218,7 +223,13 @@ class ServiceRuntime:
         async def metrics() -> Response:
             return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+        async def asyncapi() -> JSONResponse:
+            from libs.asyncapi import describe
+
+            return JSONResponse(describe(self.name, self.router.routes, self._publishes))
+
         self.http.add_api_route("/healthz", healthz, methods=["GET"], include_in_schema=False)
+        self.http.add_api_route("/asyncapi.json", asyncapi, methods=["GET"], include_in_schema=False)
         self.http.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
 
     async def _start_http(self) -> None:

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Sequence
 
 from libs.context import CommandContext
-from libs.contracts.audit import AuditChainVerified, AuditRecords, QueryAudit, VerifyAuditChain
+from libs.contracts.audit import (
+    AuditChainVerified,
+    AuditRecords,
+    CrossTenantRead,
+    QueryAudit,
+    VerifyAuditChain,
+)
 from libs.envelope import Envelope
 from libs.errors import InvalidInput
 from libs.runtime import ServiceRuntime, configure_service_logging
@@ -63,6 +69,7 @@ def build(settings: Settings) -> ServiceRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
 
+    runtime.publishes(CrossTenantRead)
     runtime.on_start(open_audit_log)
     runtime.on_stop(stop_watching)
 

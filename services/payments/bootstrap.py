@@ -12,6 +12,15 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from libs.contracts.catalog import EventCreated, TicketCancelled, TicketIssued
+from libs.contracts.payments import (
+    CheckoutCompleted,
+    CheckoutCreated,
+    CheckoutExpired,
+    CheckoutFailed,
+    LedgerEntryPosted,
+    RefundCompleted,
+)
 from libs.db import service_dsn
 from libs.runtime import ServiceRuntime, configure_service_logging
 from libs.settings import Settings, get_settings
@@ -93,6 +102,10 @@ def build(
         if fake is not None:
             await fake.close()
 
+    runtime.publishes(
+        EventCreated, TicketIssued, TicketCancelled, CheckoutCreated, CheckoutCompleted,
+        CheckoutFailed, CheckoutExpired, LedgerEntryPosted, RefundCompleted,
+    )
     runtime.on_start(started)
     runtime.on_stop(stopping)
     return runtime

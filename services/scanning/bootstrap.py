@@ -13,6 +13,9 @@ from pathlib import Path
 from libs.contracts.scanning import (
     GetOccupancy,
     Occupancy,
+    OccupancyChanged,
+    ScanAccepted,
+    ScanRejected,
     OfflineScansSynced,
     ScanDecision,
     ScanTicket,
@@ -52,6 +55,7 @@ def build(settings: Settings) -> ServiceRuntime:
         await access().batcher.drain()
         runtime.components["occupancy_ticker"].cancel()
 
+    runtime.publishes(ScanAccepted, ScanRejected, OccupancyChanged)
     runtime.on_start(wire)
     runtime.on_stop(unwire)
 

@@ -50,6 +50,18 @@ def test_vge_up_starts_everything_and_stops_cleanly(tmp_path: Path):
             assert body == {**body, "service": name, "status": "ok"}
             assert body["checks"]["nats"] is True and body["checks"]["postgres"] is True
             assert body["checks"].get("redis", True) is True  # payments keeps nothing in Redis
+            spec = httpx.get(url.replace("/healthz", "/asyncapi.json"), timeout=5).json()
+            assert spec["asyncapi"] == "3.0.0"
+            subjects = {c["address"] for c in spec["channels"].values()}
+            expected = {
+                "scanning": {"vge.cmd.scanning.scan", "vge.cmd.scanning.sync",
+                             "vge.evt.{org_id}.scanning.scan.accepted"},
+                "payments": {"vge.cmd.payments.complete_checkout",
+                             "vge.evt.{org_id}.payments.ticket.issued"},
+                "audit": {"vge.cmd.audit.query", "vge.cmd.audit.verify"},
+                "gateway": set(),
+            }[name]
+            assert expected <= subjects, (name, subjects)
         metrics = httpx.get(stack["gateway_url"] + "/metrics", timeout=2)
         assert metrics.status_code == 200 and "python_info" in metrics.text
         # the operator CLI finds the running stack by itself
