@@ -24,6 +24,8 @@ from libs.errors import Forbidden, Unavailable
 __all__ = [
     "create_pool",
     "tenant_transaction",
+    "tenant_transaction_on",
+    "rollback_quietly",
     "platform_read_transaction",
     "service_role",
     "service_dsn",
@@ -100,9 +102,40 @@ async def tenant_transaction(
 ) -> AsyncIterator[asyncpg.Connection]:
     """A transaction in which row-level security shows and accepts only ``org_id``'s rows."""
     async with pool.acquire() as conn:
-        async with conn.transaction(readonly=readonly):
-            await conn.execute("SELECT set_config('vge.org_id', $1, true)", str(org_id))
+        async with tenant_transaction_on(conn, org_id, readonly=readonly):
             yield conn
+
+
+@asynccontextmanager
+async def tenant_transaction_on(
+    conn: asyncpg.Connection, org_id: UUID | str, *, readonly: bool = False
+) -> AsyncIterator[asyncpg.Connection]:
+    """``tenant_transaction`` on a connection the caller already holds (e.g. with a session
+    lock on it).
+
+    One round trip to open: BEGIN and the transaction-local tenant travel as one simple query.
+    The tenant id is inlined, which is safe because it is rendered from a ``UUID``.
+    """
+    org = str(UUID(str(org_id)))
+    mode = " READ ONLY" if readonly else ""
+    await conn.execute(f"BEGIN{mode}; SELECT set_config('vge.org_id', '{org}', true)")
+    try:
+        yield conn
+    except BaseException:
+        await rollback_quietly(conn)
+        raise
+    await conn.execute("COMMIT")
+
+
+async def rollback_quietly(conn: asyncpg.Connection) -> None:
+    """Roll back the connection's open transaction, if any, never raising."""
+    # If the connection is unusable (a query cancelled mid-flight) the pool resets or discards
+    # it; keep the original error either way.
+    try:
+        if not conn.is_closed() and conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+    except Exception:  # noqa: BLE001
+        pass
 
 
 @asynccontextmanager

@@ -29,6 +29,7 @@ from uuid import UUID
 import asyncpg
 
 from libs.actor import Actor
+from libs.db import rollback_quietly, tenant_transaction_on
 from services.payments.domain.checkout import (
     CheckoutStatus,
     FailureReason,
@@ -54,7 +55,6 @@ __all__ = [
     "SoldOut",
     "UnknownTicketType",
     "LostRace",
-    "tenant_tx",
 ]
 
 
@@ -81,39 +81,6 @@ class LostRace(Exception):
 
 class SagaBusy(Exception):
     """Another runner (a replica, a concurrent retry, the resumer) drives this checkout."""
-
-
-@asynccontextmanager
-async def tenant_tx(
-    conn: asyncpg.Connection, org_id: UUID, *, readonly: bool = False
-) -> AsyncIterator[asyncpg.Connection]:
-    """A transaction in which row-level security shows and accepts only ``org_id``'s rows.
-
-    The same semantics as ``libs.db.tenant_transaction`` (the tenant set transaction-locally,
-    never leaking to the next user of the connection) in one round trip instead of two:
-    BEGIN and the setting travel as one simple query. The tenant id is inlined, which is safe
-    because it is rendered from a ``UUID`` (hex digits and dashes only).
-    """
-    org = str(UUID(str(org_id)))
-    mode = " READ ONLY" if readonly else ""
-    await conn.execute(f"BEGIN{mode}; SELECT set_config('vge.org_id', '{org}', true)")
-    try:
-        yield conn
-    except BaseException:
-        await _rollback_quietly(conn)
-        raise
-    await conn.execute("COMMIT")
-
-
-async def _rollback_quietly(conn: asyncpg.Connection) -> None:
-    """Roll back an open transaction; if the connection is unusable (e.g. a query was
-    cancelled mid-flight) leave it to the pool, which resets or discards it, and keep the
-    original error."""
-    try:
-        if not conn.is_closed() and conn.is_in_transaction():
-            await conn.execute("ROLLBACK")
-    except Exception:  # noqa: BLE001
-        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +210,7 @@ class SagaSession:
 
     def transaction(self, *, readonly: bool = False):
         """A tenant transaction on this session's connection."""
-        return tenant_tx(self.conn, self.org_id, readonly=readonly)
+        return tenant_transaction_on(self.conn, self.org_id, readonly=readonly)
 
     async def open(self) -> CheckoutRecord | None:
         """Begin a tenant transaction, take the saga lock and read the checkout (the lock and
@@ -278,7 +245,7 @@ class SagaSession:
 
     async def rollback(self) -> None:
         """Abandon the transaction ``open`` began, if it is still open."""
-        await _rollback_quietly(self.conn)
+        await rollback_quietly(self.conn)
 
 
 class PaymentsStore:
@@ -305,7 +272,7 @@ class PaymentsStore:
     async def transaction(self, org_id: UUID, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection]:
         """A tenant-scoped transaction on a pooled connection."""
         async with self.pool.acquire() as conn:
-            async with tenant_tx(conn, org_id, readonly=readonly):
+            async with tenant_transaction_on(conn, org_id, readonly=readonly):
                 yield conn
 
     @asynccontextmanager

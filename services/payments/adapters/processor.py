@@ -16,7 +16,7 @@ from uuid import UUID
 import asyncpg
 
 from libs.db import CONNECTION_ERRORS, create_pool
-from services.payments.adapters.postgres import tenant_tx
+from libs.db import tenant_transaction_on
 from services.payments.domain.money import Money
 
 __all__ = [
@@ -152,7 +152,7 @@ class FakeProcessor:
         if amount.amount <= 0:
             raise ValueError("a charge takes a positive amount")
         try:
-            async with self._pool.acquire() as conn, tenant_tx(conn, merchant):
+            async with self._pool.acquire() as conn, tenant_transaction_on(conn, merchant):
                 row = await conn.fetchrow(
                     "INSERT INTO fake_processor_charges "
                     "(organization_id, id, idempotency_key, amount, currency, token) "
@@ -177,7 +177,7 @@ class FakeProcessor:
     async def find_charge(self, merchant: UUID, idempotency_key: str) -> Charge | None:
         """See ``PaymentProcessor.find_charge``."""
         try:
-            async with self._pool.acquire() as conn, tenant_tx(conn, merchant, readonly=True):
+            async with self._pool.acquire() as conn, tenant_transaction_on(conn, merchant, readonly=True):
                 row = await conn.fetchrow(
                     "SELECT id, amount, currency FROM fake_processor_charges "
                     "WHERE idempotency_key = $1",
@@ -190,7 +190,7 @@ class FakeProcessor:
     async def refund(self, merchant: UUID, charge_id: str, amount: Money) -> Refund:
         """See ``PaymentProcessor.refund``."""
         try:
-            async with self._pool.acquire() as conn, tenant_tx(conn, merchant):
+            async with self._pool.acquire() as conn, tenant_transaction_on(conn, merchant):
                 charge = await conn.fetchrow(
                     "SELECT amount, currency FROM fake_processor_charges WHERE id = $1", charge_id
                 )
@@ -214,7 +214,7 @@ class FakeProcessor:
     async def net_charged(self, merchant: UUID) -> dict[str, int]:
         """Charges minus refunds per currency for ``merchant`` (what reconciliation compares
         with the ledger's processor receivable)."""
-        async with self._pool.acquire() as conn, tenant_tx(conn, merchant, readonly=True):
+        async with self._pool.acquire() as conn, tenant_transaction_on(conn, merchant, readonly=True):
             rows = await conn.fetch(
                 "SELECT c.currency, sum(c.amount) - coalesce(sum(r.amount), 0) AS net "
                 "FROM fake_processor_charges c "
