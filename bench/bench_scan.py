@@ -94,6 +94,7 @@ async def main() -> None:
     ap.add_argument("--rate-seconds", type=float, default=10.0)
     ap.add_argument("--offline", type=int, default=10_000, help="offline batch size")
     ap.add_argument("--duplicates", type=float, default=0.1, help="share of scans re-scanning a ticket")
+    ap.add_argument("--replicas", type=int, default=1, help="scanning service processes")
     ap.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     configure_logging("WARNING", "console")
@@ -101,20 +102,22 @@ async def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="vge-bench-"))
     urls, servers = resolve_server_urls(Settings(), data, allow_docker=False, fsync=args.fsync)
     private, public = generate_key_pair()
-    port = free_port()
     env = {**os.environ, "VGE_NATS_URL": urls["nats_url"], "VGE_DATABASE_URL": urls["database_url"],
-           "VGE_REDIS_URL": urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": public,
-           "VGE_HEALTH_PORT": str(port), "VGE_LOG_LEVEL": "WARNING"}
-    service = subprocess.Popen([sys.executable, "-m", "services.scanning"], env=env)
+           "VGE_REDIS_URL": urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": public, "VGE_LOG_LEVEL": "WARNING"}
+    ports = [free_port() for _ in range(args.replicas)]
+    services = [subprocess.Popen([sys.executable, "-m", "services.scanning"], env={**env, "VGE_HEALTH_PORT": str(p)})
+                for p in ports]
+    service = services[0]
     try:
         async with httpx.AsyncClient() as http:
-            for _ in range(300):
-                try:
-                    if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
+            for port in ports:
+                for _ in range(300):
+                    try:
+                        if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    await asyncio.sleep(0.1)
         nc = await nats.connect(urls["nats_url"])
         js = nc.jetstream()
         await ensure_streams(js)
@@ -198,8 +201,10 @@ async def main() -> None:
         print(f"double admissions: {doubles}", flush=True)
         await nc.close()
     finally:
-        service.terminate()
-        service.wait(20)
+        for proc in services:
+            proc.terminate()
+        for proc in services:
+            proc.wait(20)
         if servers is not None:
             servers.stop()
 
