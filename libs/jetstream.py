@@ -125,12 +125,8 @@ class PullBatches:
     async def stop(self) -> None:
         """Unsubscribe; messages received but not handed out are nak'ed, so another replica
         gets them now rather than after the ack wait."""
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - connection may be closing
-                pass
-            self._sub = None
+        await _unsubscribe_quietly(self._sub)
+        self._sub = None
         while self._buffer:
             await _quietly(self._buffer.popleft().nak())
 
@@ -260,12 +256,8 @@ class EventConsumer:
         """Stop pulling; messages in flight finish, unacked ones are redelivered later."""
         await cancel_and_wait(self._task)
         self._task = None
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - connection may be closing
-                pass
-            self._sub = None
+        await _unsubscribe_quietly(self._sub)
+        self._sub = None
         if self._pull is not None:
             await self._pull.stop()
             self._pull = None
@@ -429,6 +421,16 @@ class EventConsumer:
         CONSUMED.labels(self.durable, "dead_lettered").inc()
         log.error("event_dead_lettered", consumer=self.durable, reason=reason)
         await _quietly(msg.term())
+
+
+async def _unsubscribe_quietly(sub: Subscription | JetStreamContext.PullSubscription | None) -> None:
+    # on shutdown the connection may already be closing: nothing left to undo then
+    if sub is None:
+        return
+    try:
+        await sub.unsubscribe()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _short(exc: BaseException) -> str:
