@@ -81,6 +81,13 @@ def _stack_env(data_dir: Path) -> dict[str, str]:
         stack = json.loads(stack_file.read_text())
         env.update(VGE_NATS_URL=stack["nats_url"], VGE_DATABASE_URL=stack["database_url"],
                    VGE_REDIS_URL=stack["redis_url"])
+        # the stack's own NATS admits only its users: an operator command logs in as operator
+        passwords_file = stack.get("nats_passwords_file")
+        if passwords_file and not env.get("VGE_NATS_USER"):
+            from libs.nats_auth import ADMIN
+
+            password = json.loads(Path(passwords_file).read_text())[ADMIN]
+            env.update(VGE_NATS_USER=ADMIN, VGE_NATS_PASSWORD=password)
     return env
 
 
@@ -95,6 +102,24 @@ def audit_verify(
     # libs never imports a service: the audit service's own CLI runs in its own process
     env = _stack_env(data_dir or get_settings().data_dir)
     result = subprocess.run([sys.executable, "-m", "services.audit.cli", "verify", org_id], env=env)
+    raise typer.Exit(result.returncode)
+
+
+tenant = typer.Typer(help="Tenants (organizations).", no_args_is_help=True)
+app.add_typer(tenant, name="tenant")
+
+
+@tenant.command("create")
+def tenant_create(
+    name: Annotated[str, typer.Argument(help="The organization's name.")],
+    data_dir: Annotated[Path | None, typer.Option(help="Data folder of a running `vge up`.")] = None,
+) -> None:
+    """Create a tenant with its first owner API key; prints {organization_id, api_key} as JSON."""
+    import subprocess
+
+    env = _stack_env(data_dir or get_settings().data_dir)
+    result = subprocess.run([sys.executable, "-m", "services.gateway.cli", "tenant-create", name],
+                            env=env)  # fmt: skip
     raise typer.Exit(result.returncode)
 
 

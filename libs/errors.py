@@ -17,6 +17,8 @@ __all__ = [
     "NotFound",
     "Conflict",
     "Unavailable",
+    "RateLimited",
+    "PayloadTooLarge",
     "HTTP_STATUS",
 ]
 
@@ -30,6 +32,7 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
     RATE_LIMITED = "rate_limited"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
 
@@ -41,6 +44,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.CONFLICT: 409,
     ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.INTERNAL: 500,
 }
@@ -106,3 +110,15 @@ class Unavailable(DomainError):
     """A dependency the answer needs is down; retry later. Never a guessed success."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+class RateLimited(DomainError):
+    """The credential made more requests than its limit allows; retry after ``retry_after``."""
+
+    code = ErrorCode.RATE_LIMITED
+
+
+class PayloadTooLarge(DomainError):
+    """The request body is larger than the gateway accepts."""
+
+    code = ErrorCode.PAYLOAD_TOO_LARGE

@@ -3,6 +3,10 @@
 Starts NATS, PostgreSQL and Redis (or uses the configured ``VGE_*_URL`` servers), then the four
 services as child processes, waits until each answers its health check, and on Ctrl-C or
 SIGTERM stops the services (SIGTERM, then SIGKILL after a grace period) and then the servers.
+
+A NATS started here runs with one user per service and the subject permissions of
+``libs.nats_auth``; each service process logs in as itself. A configured ``VGE_NATS_URL`` is used
+as it is: the services then log in with ``VGE_NATS_USER``/``VGE_NATS_PASSWORD`` if set.
 """
 
 from __future__ import annotations
@@ -21,15 +25,17 @@ import httpx
 
 from libs.context import generate_key_pair
 from libs.log import get_logger
+from libs.nats_auth import generate_passwords
 from libs.servers import free_port, resolve_server_urls
 from libs.settings import Settings
 
-__all__ = ["Stack", "SERVICES", "STACK_FILE"]
+__all__ = ["Stack", "SERVICES", "STACK_FILE", "NATS_PASSWORDS_FILE"]
 
 log = get_logger(__name__)
 
 SERVICES = ("scanning", "payments", "audit", "gateway")
 STACK_FILE = "stack.json"
+NATS_PASSWORDS_FILE = "nats-passwords.json"
 
 
 def _die_with_parent() -> None:
@@ -53,12 +59,18 @@ class Stack:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _servers: Any = None
     _keys: tuple[str, str] | None = None
+    _nats_passwords: dict[str, str] | None = None
 
     def start(self, *, ready_timeout: float = 60.0) -> None:
         """Servers first, then the services; returns when every service is healthy."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # an operator's NATS has its own users: render none and pass the operator's login on
+        self._nats_passwords = None if self.settings.nats_url else self._load_nats_passwords()
         self.urls, self._servers = resolve_server_urls(
-            self.settings, self.data_dir / "servers", allow_docker=False
+            self.settings,
+            self.data_dir / "servers",
+            allow_docker=False,
+            nats_passwords=self._nats_passwords,
         )
         log.info("servers_ready", **self.urls)
         self._keys = self._context_keys()
@@ -67,6 +79,8 @@ class Stack:
             port = self.settings.gateway_port if name == "gateway" else free_port()
             self.ports[name] = port
             child_env = {**env, "VGE_HEALTH_PORT": str(port)}
+            if self._nats_passwords is not None:
+                child_env.update(VGE_NATS_USER=name, VGE_NATS_PASSWORD=self._nats_passwords[name])
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}"],
                 env=child_env,
@@ -90,6 +104,25 @@ class Stack:
         key_file.write_text(json.dumps({"private": private, "public": public}))
         key_file.chmod(0o600)
         return private, public
+
+    @property
+    def nats_passwords_file(self) -> Path:
+        """The NATS users' passwords of a locally started NATS (operator user: ``admin``)."""
+        return self.data_dir / NATS_PASSWORDS_FILE
+
+    def _load_nats_passwords(self) -> dict[str, str]:
+        # generated once, kept like the context key: a restart reuses the JetStream data and
+        # keeps the same logins; a user added since gets a password of its own
+        path = self.nats_passwords_file
+        stored = json.loads(path.read_text()) if path.exists() else {}
+        passwords = {user: stored.get(user) or fresh for user, fresh in generate_passwords().items()}
+        if passwords != stored:
+            # created readable by its owner only (not chmod'ed after the passwords are in it)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(passwords, indent=2))
+        path.chmod(0o600)
+        return passwords
 
     def _child_env(self) -> dict[str, str]:
         assert self._keys is not None
@@ -136,6 +169,10 @@ class Stack:
             "server_pids": [
                 srv.pid for srv in getattr(self._servers, "servers", []) if srv.pid is not None
             ],
+            # where one-off commands find the operator login of this stack's NATS
+            "nats_passwords_file": (
+                str(self.nats_passwords_file) if self._nats_passwords is not None else None
+            ),
         }
         (self.data_dir / STACK_FILE).write_text(json.dumps(stack, indent=2))
 

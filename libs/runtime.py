@@ -24,10 +24,11 @@ from nats.js import JetStreamContext
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from libs.context import ContextVerifier, load_public_keys
-from libs.db import create_pool, service_dsn
+from libs.db import CONNECTION_ERRORS, create_pool, service_dsn
 from libs.jetstream import EventConsumer, EventHandler, ensure_streams
 from libs.log import configure_logging, get_logger
 from libs.migrations import migrate
+from libs.nats_auth import connect_options
 from libs.outbox import OutboxRelay
 from libs.redis_store import RedisStore
 from libs.settings import Settings
@@ -125,6 +126,7 @@ class ServiceRuntime:
         self.nc = await nats.connect(
             s.nats_url,
             name=f"vge-{self.name}",
+            **connect_options(s.nats_user, s.nats_password),
             max_reconnect_attempts=-1,  # a service outlives a NATS restart
             reconnect_time_wait=0.5,
             error_cb=self._nats_error,
@@ -180,7 +182,12 @@ class ServiceRuntime:
         if self.redis:
             await self.redis.close()
         if self.pool:
-            await asyncio.wait_for(self.pool.close(), 10.0)
+            try:
+                await asyncio.wait_for(self.pool.close(), 10.0)
+            except (TimeoutError, *CONNECTION_ERRORS) as exc:
+                # a connection still busy (PostgreSQL gone mid-query): stopping must not hang
+                self.log.warning("pool_close_forced", error=repr(exc))
+                self.pool.terminate()
         self.log.info("service_stopped")
 
     async def run_until_stopped(self) -> None:

@@ -38,9 +38,10 @@ import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, Mapping, Protocol, Self
 
 from libs.log import get_logger
+from libs.nats_auth import ADMIN, render_authorization
 
 __all__ = [
     "ContainerServers",
@@ -459,7 +460,10 @@ class NatsServer(_ManagedServer):
     """``nats-server`` with JetStream, storing its streams in ``data_dir/jetstream``.
 
     ``config_file`` is passed as ``-c`` (e.g. accounts and permissions); the command-line flags
-    (address, port, JetStream store) still win over the file.
+    (address, port, JetStream store) still win over the file. ``passwords`` (one per user of
+    :data:`libs.nats_auth.USERS`) instead turns on the per-service users and subject permissions
+    of :func:`libs.nats_auth.render_authorization`: then no connection gets in without a login,
+    and the readiness probe logs in as the operator user.
     """
 
     name = "nats"
@@ -470,11 +474,17 @@ class NatsServer(_ManagedServer):
         *,
         port: int | None = None,
         config_file: str | os.PathLike[str] | None = None,
+        passwords: Mapping[str, str] | None = None,
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
     ) -> None:
         super().__init__(data_dir, port=port, start_timeout=start_timeout, stop_timeout=stop_timeout)
+        if config_file and passwords:
+            raise ValueError("config_file or passwords, not both (the file has its own users)")
         self.config_file = Path(config_file).absolute() if config_file else None
+        self.passwords = dict(passwords) if passwords else None
+        # rendered now: a bad password fails here, not in the server's log
+        self._authorization = render_authorization(self.passwords) if self.passwords else ""
         # A unique server name lets the readiness probe tell our server from a stranger that
         # grabbed the port first (JetStream storage of a single server does not depend on it).
         self.server_name = f"vge-{uuid.uuid4().hex[:12]}"
@@ -504,7 +514,11 @@ class NatsServer(_ManagedServer):
         else:
             # an offline batch of 10,000 scans is a few MB: raise the 1 MB default payload limit
             default_conf = self.data_dir / "nats.conf"
-            default_conf.write_text(f"max_payload: {NATS_MAX_PAYLOAD}\n")
+            # readable by its owner only: it may hold passwords
+            fd = os.open(default_conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(f"max_payload: {NATS_MAX_PAYLOAD}\n{self._authorization}")
+            default_conf.chmod(0o600)  # a file from an older run may have other modes
             cmd += ["-c", str(default_conf)]
         return cmd
 
@@ -518,8 +532,13 @@ class NatsServer(_ManagedServer):
                 return False
             if json.loads(line[5:]).get("server_name") != self.server_name:
                 return False
+            options: dict[str, Any] = {
+                "verbose": False, "pedantic": False, "headers": True, "no_responders": True,
+            }  # fmt: skip
+            if self.passwords:
+                options.update(user=ADMIN, **{"pass": self.passwords[ADMIN]})
             sock.sendall(
-                b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"no_responders":true}\r\n'
+                b"CONNECT " + json.dumps(options).encode() + b"\r\n"
                 b"SUB _VGE_PROBE 1\r\nPUB $JS.API.INFO _VGE_PROBE 0\r\n\r\nPING\r\n"
             )
             while True:
@@ -815,9 +834,14 @@ class LocalServers:
         postgres: bool = True,
         redis: bool = True,
         nats_config_file: str | os.PathLike[str] | None = None,
+        nats_passwords: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
-        self.nats = NatsServer(self.data_dir / "nats", config_file=nats_config_file) if nats else None
+        self.nats = (
+            NatsServer(self.data_dir / "nats", config_file=nats_config_file, passwords=nats_passwords)
+            if nats
+            else None
+        )
         self.postgres = PostgresServer(self.data_dir / "postgres", fsync=fsync) if postgres else None
         self.redis = RedisServer(self.data_dir / "redis") if redis else None
 
@@ -960,6 +984,7 @@ def resolve_server_urls(
     *,
     allow_docker: bool,
     fsync: bool = True,
+    nats_passwords: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, str], LocalServers | ContainerServers | None]:
     """The three server URLs, starting whatever is not configured.
 
@@ -967,7 +992,9 @@ def resolve_server_urls(
     ``VGE_*_URL`` variables) win. The rest is started: as Docker containers if ``allow_docker``
     and a daemon answers, otherwise from the local binaries under ``data_dir``. Returns the URLs
     keyed by those attribute names and the object whose ``stop()`` stops what was started
-    (``None`` when everything was configured).
+    (``None`` when everything was configured). A NATS started here with ``nats_passwords`` has
+    the per-service users and permissions (:class:`NatsServer`); the containers have no such
+    configuration, so Docker is not used then.
     """
     urls = {key: getattr(settings_like, key, None) for key in URL_KEYS}
     missing = [key for key, value in urls.items() if not value]
@@ -975,7 +1002,7 @@ def resolve_server_urls(
     if not missing:
         return configured, None
     started: LocalServers | ContainerServers
-    if allow_docker and _docker_available():
+    if allow_docker and not (nats_passwords and "nats_url" in missing) and _docker_available():
         started = ContainerServers().start(missing)
         new_urls = started.urls
     else:
@@ -985,6 +1012,7 @@ def resolve_server_urls(
             nats="nats_url" in missing,
             postgres="database_url" in missing,
             redis="redis_url" in missing,
+            nats_passwords=nats_passwords,
         ).start()
         new_urls = started.urls
     log.info("server_urls_resolved", configured=sorted(configured), started=sorted(new_urls))

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
 
     nats_url: str | None = None
+    # this process's NATS login (deploy/nats: one user per service; `vge up` sets both)
+    nats_user: str | None = None
+    nats_password: str | None = None
     database_url: str | None = Field(
         default=None, description="Admin URL: runs migrations and creates the service roles."
     )
@@ -60,6 +63,30 @@ class Settings(BaseSettings):
     payments_crash_after: Literal["charging", "charge", "post"] | None = Field(
         default=None, description="TEST ONLY: SIGKILL payments right after this saga step commits."
     )
+
+    # gateway
+    gateway_public_url: str | None = Field(
+        default=None, description="The API address devices use (in enrolment payloads); "
+        "default: http://127.0.0.1:<gateway_port>.",
+    )
+    jwt_issuer: str | None = Field(default=None, description="Issuer of user JWTs; unset: no JWTs.")
+    jwt_audience: str | None = None
+    jwt_hs256_secret: str | None = Field(default=None, description="Local runs: HS256 shared key.")
+    jwt_public_key: str | None = Field(default=None, description="RS256: the issuer's PEM key.")
+    jwt_jwks_url: str | None = Field(default=None, description="RS256: the issuer's JWKS address.")
+    rate_limit_per_second: int = Field(
+        default=300, ge=1, description="Requests one credential may make per second."
+    )
+    max_request_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest request body (an offline batch)."
+    )
+    enrolment_ttl_seconds: float = Field(default=86_400.0, gt=0)
+    credential_cache_seconds: float = Field(
+        default=10.0, ge=0,
+        description="How long a verified credential is trusted without a lookup; a revocation "
+        "is broadcast to every gateway replica at once, this only bounds a lost broadcast.",
+    )
+    sse_heartbeat_seconds: float = Field(default=15.0, gt=0)
 
     @property
     def consumer_backoff(self) -> list[float]:

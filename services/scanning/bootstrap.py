@@ -21,6 +21,7 @@ from libs.contracts.scanning import (
     ScanTicket,
     SyncOfflineScans,
 )
+from libs.background import cancel_and_wait
 from libs.log import get_logger
 from libs.runtime import ServiceRuntime, configure_service_logging
 from libs.settings import Settings, get_settings
@@ -53,7 +54,7 @@ def build(settings: Settings) -> ServiceRuntime:
 
     async def unwire() -> None:
         await access().batcher.drain()
-        runtime.components["occupancy_ticker"].cancel()
+        await cancel_and_wait(runtime.components["occupancy_ticker"])
 
     runtime.publishes(ScanAccepted, ScanRejected, OccupancyChanged)
     runtime.on_start(wire)

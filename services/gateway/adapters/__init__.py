@@ -1,0 +1,1 @@
+"""The gateway's adapters: PostgreSQL credential store, JWT verification, NATS feeds."""

@@ -1,0 +1,1 @@
+"""The gateway's pure rules: credential tokens, who a credential acts as, idempotency keys."""
