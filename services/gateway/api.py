@@ -217,6 +217,9 @@ def _problem_response(body: dict[str, Any]) -> JSONResponse:
     headers = {}
     if body["status"] in (429, 503):
         headers["Retry-After"] = str(body.get("retry_after", 1))
+    elif body["status"] == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="voelgoed"'
+
     return JSONResponse(body, body["status"], media_type=PROBLEM_JSON, headers=headers)
 
 

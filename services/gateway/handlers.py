@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from uuid import UUID
 
 from libs.actor import Actor, Role
-from libs.errors import Forbidden, InvalidInput, Unauthenticated
+from libs.errors import Forbidden, InvalidInput, NotFound, Unauthenticated
 from libs.policy import Action, Resource, authorize
 from services.gateway.adapters.jwt import JwtVerifier
 from services.gateway.adapters.nats_feeds import RevocationBroadcast
@@ -55,6 +55,9 @@ class Principal:
                 return actor.organization_id
             raise InvalidInput("a platform actor names the tenant with Vge-Organization-Id")
         assert actor.organization_id is not None  # the Actor model guarantees it
+        if requested and requested.lower() != str(actor.organization_id):
+            # another tenant is not there for this actor: no existence leak, no silent switch
+            raise NotFound("organization not found")
         return actor.organization_id
 
 
