@@ -48,7 +48,9 @@ def up(
             "\nVoelgoedEvents is up.\n"
             f"  API        http://127.0.0.1:{settings.gateway_port}  (docs: /docs)\n"
             + "".join(f"  {name:<10} {stack.health_url(name)}\n" for name in SERVICES)
-            + f"  NATS       {stack.urls['nats_url']}\n"
+            + f"  NATS       {stack.urls['nats_url']}"
+            + ("" if settings.nats_url else f"  (logins: {stack.nats_passwords_file})")
+            + "\n"
             f"  PostgreSQL {stack.urls['database_url']}\n"
             f"  Redis      {stack.urls['redis_url']}\n"
             "Ctrl-C stops everything.\n",

@@ -1,4 +1,4 @@
-"""NATS users and subject permissions: the broker enforces what the signed context says (design §3).
+"""NATS users and subject permissions: the broker holds the rules the signed context holds (§3).
 
 One user per service plus an operator user. The rules, held by nats-server itself:
 
@@ -10,11 +10,17 @@ One user per service plus an operator user. The rules, held by nats-server itsel
 * every user has a private inbox prefix (``_INBOX.<user>``, see :func:`connect_options`), so no
   service can read the replies meant for another (e.g. another tenant's audit query result).
 
-What is broad, on purpose: every service may create and update the two streams (``ensure_streams``
-runs in every service so no start order is needed); that lets a service change their settings
-(subjects, retention), though not delete or purge them. The operator user (:data:`ADMIN`) has no
-restriction: it is for the ``nats`` CLI, the readiness probe and one-off operator commands, and its
-password belongs to operators only.
+What is broad, on purpose:
+
+* every service may create and update the two streams (``ensure_streams`` runs in every service
+  so that no start order is needed); that lets a service change their settings (subjects,
+  retention), though not delete or purge them;
+* the tenant token of an event subject is a wildcard: services serve every tenant, so the broker
+  cannot tell tenants apart (the signed context and row-level security do);
+* ``allow_responses`` lets a service answer any message it received with a reply subject, once
+  (commands, but also its own JetStream deliveries, whose reply is their ack subject);
+* the operator user (:data:`ADMIN`) has no restriction: it is for the ``nats`` CLI, the
+  readiness probe and one-off operator commands, and its password belongs to operators only.
 
 :func:`render_authorization` is pure: the launcher renders the block with generated passwords, and
 the files in ``deploy/nats/`` hold the same block rendered with ``$VGE_NATS_PASSWORD_<USER>``
@@ -204,7 +210,8 @@ if __name__ == "__main__":
     # regenerates deploy/nats/auth.conf: python -m libs.nats_auth > deploy/nats/auth.conf
     print(
         "# The NATS users and subject permissions of the platform, rendered by libs.nats_auth:\n"
-        "# edit that module and regenerate with `python -m libs.nats_auth > deploy/nats/auth.conf`\n"
+        "# edit that module and regenerate with\n"
+        "#   python -m libs.nats_auth > deploy/nats/auth.conf\n"
         "# (tests/unit/test_nats_auth.py fails while the two differ). Passwords come from the\n"
         "# environment of nats-server, one variable per user; it refuses to start without one.\n"
         + render_authorization(),

@@ -51,6 +51,9 @@ __all__ = [
 
 Currency = Annotated[str, Field(pattern=r"^[A-Z]{3}$", description="ISO 4217 code.")]
 
+MAX_PRICE = 1_000_000_000_000
+"""The highest ticket price, in minor units (10 billion in major units)."""
+
 CheckoutStatus = Literal[
     "pending",  # inventory held, waiting for completion (or expiry)
     "charging",  # the processor is being asked for the money
@@ -82,7 +85,8 @@ class TicketTypeSpec(Command):
 
     code: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     name: str = Field(min_length=1, max_length=200)
-    price: int = Field(ge=0, description="Integer minor units (cents).")
+    # bounded so a checkout's total (20 lines of up to 100) always fits PostgreSQL's bigint
+    price: int = Field(ge=0, le=MAX_PRICE, description="Integer minor units (cents).")
     currency: Currency = "ZAR"
     quantity: int = Field(ge=0, le=1_000_000)
     zones: list[str] = Field(

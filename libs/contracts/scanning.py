@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import ClassVar
+from typing import Annotated, ClassVar
 from uuid import UUID
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from libs.contracts import Command, EventData, Reply
 
@@ -60,6 +60,20 @@ class RejectReason(StrEnum):
     DEVICE_NOT_ALLOWED = "device_not_allowed"
 
 
+def _in_utc(value: datetime) -> datetime:
+    """A device's clock reading as an aware UTC instant (naive readings are taken as UTC).
+
+    ISO 8601 allows offsets up to +-23:59, PostgreSQL only up to +-15:59, and naive and aware
+    values cannot be compared when a batch is sorted: so every reading is normalised here, once.
+    """
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+01:00 is before year 1 in UTC
+        raise ValueError("scanned_at is out of range") from None
+
+
+DeviceTime = Annotated[datetime, AfterValidator(_in_utc)]
+
 _CODE = Field(min_length=1, max_length=128)
 _NONCE = Field(min_length=1, max_length=128)
 _GATE = Field(default=None, max_length=64)
@@ -77,7 +91,7 @@ class ScanTicket(Command):
         default=None, min_length=1, max_length=128,
         description="Device nonce: a retry with the same one returns the first decision.",
     )
-    scanned_at: datetime | None = Field(default=None, description="The device's clock.")
+    scanned_at: DeviceTime | None = Field(default=None, description="The device's clock.")
     device_event_id: UUID | None = Field(
         default=None,
         description="Set by the gateway from a device credential bound to one event.",
@@ -107,7 +121,7 @@ class OfflineScan(BaseModel):
     gate: str | None = _GATE
     zone: str | None = Field(default=None, max_length=64)
     nonce: str = _NONCE
-    scanned_at: datetime
+    scanned_at: DeviceTime
     device_result: ScanOutcome = Field(
         default=ScanOutcome.ACCEPTED,
         description="What the device decided: an accepted scan physically happened.",

@@ -92,6 +92,8 @@ from services.gateway.schemas import (
     RegisterDevice,
     ScanBatchBody,
     ScanBody,
+    instants_in_range,
+    without_nul,
 )
 
 __all__ = ["Gateway", "install_routes", "CORRELATION_HEADER"]
@@ -160,24 +162,41 @@ class Edge:
                 HTTP_REQUESTS.labels(name, scope["method"], str(message["status"])).inc()
             await send(message)
 
-        received = 0
-
-        async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise PayloadTooLarge(f"request body over {self.max_body} bytes")
-            return message
+        async def too_large() -> None:
+            body = _problem(PayloadTooLarge(f"request body over {self.max_body} bytes"),
+                            correlation_id)  # fmt: skip
+            await JSONResponse(body, 413, media_type=PROBLEM_JSON)(scope, receive, send_with_id)
 
         with bound_correlation(correlation_id):
-            if length is not None and length.isdigit() and int(length) > self.max_body:
-                body = _problem(PayloadTooLarge(f"request body over {self.max_body} bytes"),
-                                correlation_id)  # fmt: skip
-                await JSONResponse(body, 413, media_type=PROBLEM_JSON)(scope, receive, send_with_id)
+            if length is not None:
+                if not length.isdigit() or int(length) > self.max_body:
+                    await too_large()
+                    return
+                await self.app(scope, receive, send_with_id)  # the server holds it to the length
                 return
-            await self.app(scope, counted_receive, send_with_id)
+            # no Content-Length (chunked): take the body in up to the limit before the app sees it
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                more = message.get("more_body", False)
+                if size > self.max_body:
+                    await too_large()
+                    return
+            buffered = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return buffered
+                return await receive()  # then the disconnect, when it comes
+
+            await self.app(scope, replay, send_with_id)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -487,11 +506,13 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
     ) -> Response:  # fmt: skip
         """The tenant's audit records, oldest first (owner/admin); ``next`` pages on."""
         authorize(p.actor, Action.AUDIT_READ, Resource("audit", tenant(request, p)))
+        params = {"resource_id": resource_id, "correlation_id": correlation_id, "action": action,
+                  "resource_type": resource_type, "since": since, "until": until,
+                  "cursor": cursor, "limit": limit}  # fmt: skip
         try:
-            query = QueryAudit.model_validate({
-                "resource_id": resource_id, "correlation_id": correlation_id, "action": action,
-                "resource_type": resource_type, "since": since, "until": until,
-                "cursor": cursor, "limit": limit})  # fmt: skip
+            without_nul(params)  # what PostgreSQL could not compare would be a 500
+            query = QueryAudit.model_validate(params)
+            instants_in_range(query)
         except ValueError as exc:
             raise InvalidInput("bad audit query", errors=_errors_of(exc)) from exc
         return JSONResponse(await ask(request, p, "audit", "query", query, timeout=10.0))

@@ -3,6 +3,7 @@ Ctrl-C stops every process it started."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,6 +13,9 @@ import time
 from pathlib import Path
 
 import httpx
+import nats
+import nats.errors
+import pytest
 
 from libs.servers import free_port
 
@@ -26,6 +30,14 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def _nats_admits_only_its_users(url: str, passwords_file: Path) -> None:
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+    admin_password = json.loads(passwords_file.read_text())["admin"]
+    nc = await nats.connect(url, user="admin", password=admin_password, allow_reconnect=False)
+    await nc.close()
 
 
 def test_vge_up_starts_everything_and_stops_cleanly(tmp_path: Path):
@@ -62,6 +74,10 @@ def test_vge_up_starts_everything_and_stops_cleanly(tmp_path: Path):
                 "gateway": set(),
             }[name]
             assert expected <= subjects, (name, subjects)
+        # the services above are healthy on a NATS that admits no one without a login
+        passwords_file = Path(stack["nats_passwords_file"])
+        assert passwords_file.stat().st_mode & 0o077 == 0
+        asyncio.run(_nats_admits_only_its_users(stack["nats_url"], passwords_file))
         metrics = httpx.get(stack["gateway_url"] + "/metrics", timeout=2)
         assert metrics.status_code == 200 and "python_info" in metrics.text
         # the operator CLI finds the running stack by itself
