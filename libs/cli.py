@@ -28,8 +28,11 @@ def _root() -> None:
 def up(
     data_dir: Annotated[Path | None, typer.Option(help="Where servers keep their data.")] = None,
     ready_timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 60.0,
+    demo: Annotated[bool, typer.Option(help="Seed (or reuse) the demo tenant.")] = True,
 ) -> None:
-    """Run the whole platform: servers (unless VGE_*_URL are set) and all four services."""
+    """Run the whole platform: servers (unless VGE_*_URL are set), all four services, and a
+    demo tenant with an event, sold tickets and an enrolled gate device."""
+    from libs.demo import demo_instructions, seed_demo
     from libs.launcher import SERVICES, Stack
 
     settings = get_settings()
@@ -56,12 +59,16 @@ def up(
             "Ctrl-C stops everything.\n",
             err=True,
         )
+        if demo:
+            api_url = f"http://127.0.0.1:{settings.gateway_port}"
+            seeded = seed_demo(stack.data_dir, api_url, stack.urls["database_url"])
+            typer.echo(demo_instructions(seeded, api_url), err=True)
         while not stopping.wait(0.5):
             failed = stack.failed_service()
             if failed:
                 log.error("service_exited", service=failed)
                 raise typer.Exit(1)
-    except (RuntimeError, TimeoutError) as exc:
+    except (RuntimeError, TimeoutError, OSError) as exc:
         log.error("startup_failed", error=str(exc))
         raise typer.Exit(1) from exc
     finally:

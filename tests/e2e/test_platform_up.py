@@ -80,12 +80,48 @@ def test_vge_up_starts_everything_and_stops_cleanly(tmp_path: Path):
         asyncio.run(_nats_admits_only_its_users(stack["nats_url"], passwords_file))
         metrics = httpx.get(stack["gateway_url"] + "/metrics", timeout=2)
         assert metrics.status_code == 200 and "python_info" in metrics.text
+        # the demo tenant: a device scans a sold ticket over HTTP (the gateway and the services
+        # talking on a NATS that enforces who may publish what)
+        demo_file = data_dir / "demo.json"
+        while not demo_file.exists():
+            assert proc.poll() is None, (tmp_path / "vge.log").read_text()[-3000:]
+            assert time.monotonic() - started < 90, "demo not seeded within 90 s"
+            time.sleep(0.2)
+        time.sleep(0.2)  # written after the file appears
+        demo = json.loads(demo_file.read_text())
+        api, device = stack["gateway_url"], {"Authorization": f"Bearer {demo['device_token']}"}
+        scan = {"event_id": demo["event_id"], "ticket_code": demo["tickets"][0]["ticket_code"]}
+        deadline = time.monotonic() + 20
+        while (first := httpx.post(f"{api}/v1/scans", json=scan, headers=device, timeout=5).json()
+               )["result"] != "accepted":  # the registry learns of the sale from events
+            assert first["reason"] == "unknown_ticket" and time.monotonic() < deadline, first
+            time.sleep(0.2)
+        again = httpx.post(f"{api}/v1/scans", json=scan, headers=device, timeout=5).json()
+        assert again["reason"] == "already_admitted" and again["first_gate"] == "A"
+        deadline = time.monotonic() + 10
+        while "curl" not in (tmp_path / "vge.log").read_text():  # told how to scan
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
         # the operator CLI finds the running stack by itself
-        org = "5f0b7e4a-0000-4000-8000-000000000001"
-        verify = subprocess.run([str(vge), "audit", "verify", org, "--data-dir", str(data_dir)],
-                                env=env, capture_output=True, timeout=60)
-        assert verify.returncode == 0, verify.stderr.decode()[-2000:]
-        assert json.loads(verify.stdout)["ok"] is True
+        made = subprocess.run([str(vge), "tenant", "create", "Kaapse Klopse", "--data-dir", str(data_dir)],
+                              env=env, capture_output=True, timeout=60)
+        assert made.returncode == 0, made.stderr.decode()[-2000:]
+        new_tenant = json.loads(made.stdout)
+        balances = httpx.get(f"{api}/v1/ledger/balances", timeout=5,
+                             headers={"Authorization": f"Bearer {new_tenant['api_key']}"})
+        assert balances.status_code == 200 and balances.json() == {"accounts": []}
+        org = demo["organization_id"]
+        deadline = time.monotonic() + 20
+        while True:  # the demo's sale and scans reach its audit chain, which verifies intact
+            verify = subprocess.run([str(vge), "audit", "verify", org, "--data-dir", str(data_dir)],
+                                    env=env, capture_output=True, timeout=60)
+            assert verify.returncode == 0, verify.stderr.decode()[-2000:]
+            report = json.loads(verify.stdout)
+            assert report["ok"] is True
+            if report["records_checked"] >= 10:
+                break
+            assert time.monotonic() < deadline, report
+            time.sleep(0.5)
         pids = list(stack["pids"].values()) + stack["server_pids"]
         assert len(stack["server_pids"]) == 3
     finally:
