@@ -435,7 +435,12 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
         if device is not None:
             fields["gate"] = fields["gate"] or device.gate
             fields["device_event_id"] = device.event_id
-        return JSONResponse(await ask(request, p, "scanning", "scan", ScanTicket(**fields)))
+        cmd = ScanTicket(**fields)
+
+        async def work(key: str | None) -> Any:
+            return await ask(request, p, "scanning", "scan", cmd)
+
+        return await idempotent(request, p, 200, work)
 
     @app.post("/v1/scans/batch", response_model=OfflineScansSynced, responses=_ERRORS,
               tags=["scanning"])  # fmt: skip
@@ -450,7 +455,10 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
                 if s.gate is None:
                     s.gate = device.gate
             cmd.device_event_id = device.event_id
-        return JSONResponse(await ask(request, p, "scanning", "sync", cmd, timeout=gw.sync_timeout))
+        async def work(key: str | None) -> Any:
+            return await ask(request, p, "scanning", "sync", cmd, timeout=gw.sync_timeout)
+
+        return await idempotent(request, p, 200, work)
 
     @app.get("/v1/events/{event_id}/occupancy", response_model=Occupancy, responses=_ERRORS,
              tags=["scanning"])  # fmt: skip
@@ -556,20 +564,25 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
     async def revoke_device(request: Request, device_id: UUID,
                             p: Principal = Depends(principal)) -> Response:  # fmt: skip
         """Revoke a device: its token is refused at once (owner/admin)."""
-        device = await gw.credentials.revoke_device(p, tenant(request, p), device_id,
-                                                    _correlation(request))  # fmt: skip
-        return JSONResponse(_device_view(device).model_dump(mode="json"))
+        async def work(key: str | None) -> Any:
+            device = await gw.credentials.revoke_device(p, tenant(request, p), device_id,
+                                                        _correlation(request))  # fmt: skip
+            return _device_view(device).model_dump(mode="json")
+
+        return await idempotent(request, p, 200, work)
 
     @app.post("/v1/devices/{device_id}/token", response_model=DeviceEnrolment, responses=_ERRORS,
               tags=["credentials"])  # fmt: skip
     async def roll_device_token(request: Request, device_id: UUID,
                                 p: Principal = Depends(principal)) -> Response:  # fmt: skip
         """Roll a device's token (the device itself, or owner/admin); the old one stops working."""
-        device, token = await gw.credentials.roll_device_token(p, tenant(request, p), device_id,
-                                                               _correlation(request))  # fmt: skip
-        return JSONResponse(DeviceEnrolment(device_id=device.device_id, device_token=token,
-                                            event_id=device.event_id, gate=device.gate
-                                            ).model_dump(mode="json"))  # fmt: skip
+        async def work(key: str | None) -> Any:
+            device, token = await gw.credentials.roll_device_token(p, tenant(request, p), device_id,
+                                                                   _correlation(request))  # fmt: skip
+            return DeviceEnrolment(device_id=device.device_id, device_token=token,
+                                   event_id=device.event_id, gate=device.gate).model_dump(mode="json")
+
+        return await idempotent(request, p, 200, work)
 
     @app.post("/v1/api-keys", status_code=201, response_model=ApiKeyIssued, responses=_ERRORS,
               tags=["credentials"])  # fmt: skip
@@ -596,9 +609,12 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
     async def revoke_api_key(request: Request, api_key_id: UUID,
                              p: Principal = Depends(principal)) -> Response:  # fmt: skip
         """Revoke an API key: it is refused at once (owner/admin)."""
-        record = await gw.credentials.revoke_api_key(p, tenant(request, p), api_key_id,
-                                                     _correlation(request))  # fmt: skip
-        return JSONResponse(_api_key_view(record).model_dump(mode="json"))
+        async def work(key: str | None) -> Any:
+            record = await gw.credentials.revoke_api_key(p, tenant(request, p), api_key_id,
+                                                         _correlation(request))  # fmt: skip
+            return _api_key_view(record).model_dump(mode="json")
+
+        return await idempotent(request, p, 200, work)
 
 
 def _instant(value: str | None) -> datetime | None:

@@ -114,3 +114,17 @@ async def test_idempotency_key_replays_the_gateways_own_mutations(tenant):
     assert r.status_code == 404  # its own fresh request (that event does not exist)
     assert (await tenant.post("/v1/api-keys", {"name": "pos"}, headers={"Idempotency-Key": "has spaces"})
             ).status_code == 422
+
+
+async def test_every_mutating_route_takes_an_idempotency_key(tenant):
+    event = await tenant.create_event()
+    device = await tenant.device(event["event_id"])
+    scan = {"event_id": event["event_id"], "ticket_code": "TKT-nobody-has-this"}
+    first = await tenant.post("/v1/scans", scan, token=device, headers={"Idempotency-Key": "s1"})
+    again = await tenant.post("/v1/scans", scan, token=device, headers={"Idempotency-Key": "s1"})
+    assert first.status_code == again.status_code == 200
+    assert again.json()["scan_id"] == first.json()["scan_id"]  # one scan recorded, not two
+    assert again.headers["idempotent-replayed"] == "true"
+    # without a key, the same body is a second scan with its own id
+    other = await tenant.post("/v1/scans", scan, token=device)
+    assert other.json()["scan_id"] != first.json()["scan_id"]
