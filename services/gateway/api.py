@@ -7,6 +7,7 @@ reply to HTTP. Errors are ``application/problem+json`` with a stable ``code``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -56,6 +57,7 @@ from libs.errors import (
     ErrorCode,
     InvalidInput,
     PayloadTooLarge,
+    Unauthenticated,
     Unavailable,
     Conflict,
 )
@@ -484,12 +486,24 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
             await gw.feed.unwatch(org, event_id, queue)
             raise
 
+        authorization = request.headers.get("authorization")
+
         async def events():  # noqa: ANN202 - an async generator of SSE events
             try:
                 yield {"event": "occupancy", "data": json.dumps(_occupancy_view(current))}
                 last = _instant(current.get("updated_at"))
                 while True:
-                    change = await queue.get()
+                    try:
+                        change = await asyncio.wait_for(queue.get(), gw.heartbeat_seconds)
+                    except TimeoutError:
+                        # a stream outlives requests: a revoked credential ends it too
+                        try:
+                            await gw.auth.authenticate(authorization)
+                        except Unauthenticated as exc:
+                            yield {"event": "error",
+                                   "data": json.dumps(_problem(exc, _correlation(request)))}  # fmt: skip
+                            return
+                        continue
                     at = _instant(change.get("updated_at"))
                     if last is not None and at is not None and at <= last:
                         continue  # already part of what this client has
@@ -548,6 +562,8 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
               tags=["credentials"])  # fmt: skip
     async def enrol_device(request: Request, body: EnrolDevice) -> Response:
         """Exchange an enrolment token, once, for the device token (no bearer needed)."""
+        # no credential yet: limit by the caller's address instead
+        await gw.limits.check(f"enrol:{request.client.host if request.client else 'unknown'}")
         device, token = await gw.credentials.enrol(body.enrolment_token, _correlation(request))
         return JSONResponse(DeviceEnrolment(device_id=device.device_id, device_token=token,
                                             event_id=device.event_id, gate=device.gate

@@ -178,3 +178,22 @@ async def test_a_command_without_the_gateways_signature_is_refused(tenant, platf
         assert b'"unauthenticated"' in reply.data
     finally:
         await nc.close()
+
+
+async def test_an_open_occupancy_stream_ends_when_its_credential_is_revoked(tenant):
+    event = await tenant.create_event()
+    key = (await tenant.post("/v1/api-keys", {"name": "wallboard", "role": "viewer"})).json()
+    async with tenant.http.stream("GET", f"/v1/events/{event['event_id']}/occupancy/stream",
+                                  headers=tenant.auth(key["api_key"])) as stream:
+        lines = stream.aiter_lines()
+        assert (await anext(lines)).startswith("event: occupancy")
+        assert (await tenant.post(f"/v1/api-keys/{key['api_key_id']}/revoke")).status_code == 200
+
+        async def until_error() -> str:
+            async for line in lines:
+                if line.startswith("event: error"):
+                    return (await anext(lines))
+            raise AssertionError("stream ended without saying why")
+
+        data = await asyncio.wait_for(until_error(), 10)  # heartbeat is 1 s in these tests
+        assert '"unauthenticated"' in data and '"revoked"' in data
