@@ -565,9 +565,7 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
         # no credential yet: limit by the caller's address instead
         await gw.limits.check(f"enrol:{request.client.host if request.client else 'unknown'}")
         device, token = await gw.credentials.enrol(body.enrolment_token, _correlation(request))
-        return JSONResponse(DeviceEnrolment(device_id=device.device_id, device_token=token,
-                                            event_id=device.event_id, gate=device.gate
-                                            ).model_dump(mode="json"))  # fmt: skip
+        return JSONResponse(_enrolment_view(device, token))
 
     @app.get("/v1/devices", response_model=DeviceList, responses=_ERRORS, tags=["credentials"])
     async def list_devices(request: Request, p: Principal = Depends(principal)) -> Response:
@@ -595,8 +593,7 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
         async def work(key: str | None) -> Any:
             device, token = await gw.credentials.roll_device_token(p, tenant(request, p), device_id,
                                                                    _correlation(request))  # fmt: skip
-            return DeviceEnrolment(device_id=device.device_id, device_token=token,
-                                   event_id=device.event_id, gate=device.gate).model_dump(mode="json")
+            return _enrolment_view(device, token)
 
         return await idempotent(request, p, 200, work)
 
@@ -646,6 +643,11 @@ def _occupancy_view(value: dict[str, Any]) -> dict[str, Any]:
 def _device_view(d: DeviceRecord) -> DeviceView:
     return DeviceView(device_id=d.device_id, name=d.name, event_id=d.event_id, gate=d.gate,
                       enrolled_at=d.enrolled_at, revoked_at=d.revoked_at, created_at=d.created_at)  # fmt: skip
+
+
+def _enrolment_view(d: DeviceRecord, device_token: str) -> dict[str, Any]:
+    return DeviceEnrolment(device_id=d.device_id, device_token=device_token, event_id=d.event_id,
+                           gate=d.gate).model_dump(mode="json")  # fmt: skip
 
 
 def _api_key_view(k: ApiKeyRecord) -> ApiKeyView:

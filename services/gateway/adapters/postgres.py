@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Callable
 from uuid import UUID
 
 import asyncpg
 
 from libs.actor import Actor, Role
+from libs.contracts import EventData
 from libs.contracts.gateway import (
     ApiKeyCreated,
     ApiKeyRevoked,
@@ -129,19 +130,9 @@ class GatewayStore:
     async def revoke_api_key(self, org: UUID, key_id: UUID, actor: Actor, correlation_id: str
                              ) -> ApiKeyRecord:  # fmt: skip
         """Revoke a key (idempotent: revoking a revoked key returns it unchanged)."""
-        async with tenant_transaction(self._pool, org) as conn:
-            row = await conn.fetchrow(
-                "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL "
-                "RETURNING *", key_id,
-            )
-            if row is None:
-                row = await conn.fetchrow("SELECT * FROM api_keys WHERE id = $1", key_id)
-                if row is None:
-                    raise NotFound("api key not found")
-                return _api_key(row)
-            await self._events(conn, [ApiKeyRevoked(api_key_id=key_id, revoked_at=row["revoked_at"]
-                                                    ).envelope(org, actor, correlation_id)])  # fmt: skip
-            return _api_key(row)
+        row = await self._revoke(org, "api_keys", key_id, "api key not found", actor, correlation_id,
+                                 lambda at: ApiKeyRevoked(api_key_id=key_id, revoked_at=at))  # fmt: skip
+        return _api_key(row)
 
     async def list_api_keys(self, org: UUID) -> list[ApiKeyRecord]:
         """Every key of the tenant, newest first (never the secrets)."""
@@ -234,19 +225,26 @@ class GatewayStore:
     async def revoke_device(self, org: UUID, device_id: UUID, actor: Actor, correlation_id: str
                             ) -> DeviceRecord:  # fmt: skip
         """Revoke a device (idempotent); its token and open enrolment are refused from now on."""
+        row = await self._revoke(org, "devices", device_id, "device not found", actor, correlation_id,
+                                 lambda at: DeviceRevoked(device_id=device_id, revoked_at=at))  # fmt: skip
+        return _device(row)
+
+    async def _revoke(self, org: UUID, table: str, record_id: UUID, not_found: str, actor: Actor,
+                      correlation_id: str, revoked: Callable[[datetime], EventData]
+                      ) -> asyncpg.Record:  # fmt: skip
+        # ``table`` is one of this module's constants, never input
         async with tenant_transaction(self._pool, org) as conn:
             row = await conn.fetchrow(
-                "UPDATE devices SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL "
-                "RETURNING *", device_id,
+                f"UPDATE {table} SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL "
+                "RETURNING *", record_id,
             )
-            if row is None:
-                row = await conn.fetchrow("SELECT * FROM devices WHERE id = $1", device_id)
+            if row is None:  # already revoked (or not there): no second event
+                row = await conn.fetchrow(f"SELECT * FROM {table} WHERE id = $1", record_id)
                 if row is None:
-                    raise NotFound("device not found")
-                return _device(row)
-            await self._events(conn, [DeviceRevoked(device_id=device_id, revoked_at=row["revoked_at"]
-                                                    ).envelope(org, actor, correlation_id)])  # fmt: skip
-        return _device(row)
+                    raise NotFound(not_found)
+                return row
+            await self._events(conn, [revoked(row["revoked_at"]).envelope(org, actor, correlation_id)])
+        return row
 
     async def list_devices(self, org: UUID) -> list[DeviceRecord]:
         """Every device of the tenant, newest first."""
