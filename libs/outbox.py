@@ -9,7 +9,7 @@ window drops the copy; NATS being down only delays publication, the rows wait.
 from __future__ import annotations
 
 import asyncio
-from typing import Iterable
+from typing import Any, Iterable
 
 import asyncpg
 from nats.js import JetStreamContext
@@ -21,7 +21,7 @@ from libs.envelope import Envelope
 from libs.log import get_logger
 from libs.subjects import event as event_subject
 
-__all__ = ["add_events", "OutboxRelay"]
+__all__ = ["add_events", "outbox_rows", "OutboxRelay"]
 
 log = get_logger(__name__)
 
@@ -36,15 +36,29 @@ OUTBOX_FAILURES = Counter(
 )
 
 
+def outbox_rows(
+    service: str, events: Iterable[Envelope]
+) -> tuple[list[Any], list[Any], list[str], list[bytes]]:
+    """The outbox columns (event ids, tenants, subjects, payloads) of ``events``, one list
+    each: for a service that inserts its outbox rows inside its own statement (same table,
+    same transaction rule as ``add_events``)."""
+    ids: list[Any] = []
+    orgs: list[Any] = []
+    subjects: list[str] = []
+    payloads: list[bytes] = []
+    for e in events:
+        ids.append(e.event_id)
+        orgs.append(e.org_id)
+        subjects.append(event_subject(e.org_id, service, e.type))
+        payloads.append(e.to_bytes())
+    return ids, orgs, subjects, payloads
+
+
 async def add_events(conn: asyncpg.Connection, service: str, events: Iterable[Envelope]) -> None:
     """Queue events in the caller's transaction; they are published after it commits."""
-    rows = [
-        (e.event_id, e.org_id, event_subject(e.org_id, service, e.type), e.to_bytes())
-        for e in events
-    ]
-    if not rows:
+    ids, orgs, subjects, payloads = outbox_rows(service, events)
+    if not ids:
         return
-    ids, orgs, subjects, payloads = zip(*rows)
     await conn.execute(
         "INSERT INTO outbox (event_id, organization_id, subject, payload) "
         "SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bytea[])",

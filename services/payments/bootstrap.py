@@ -12,6 +12,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from libs.contracts.catalog import EventCreated, TicketCancelled, TicketIssued
 from libs.contracts.payments import (
     CheckoutCompleted,
@@ -21,11 +23,11 @@ from libs.contracts.payments import (
     LedgerEntryPosted,
     RefundCompleted,
 )
-from libs.db import service_dsn
+from libs.db import CONNECTION_ERRORS, service_dsn
 from libs.runtime import ServiceRuntime, configure_service_logging
 from libs.settings import Settings, get_settings
 from services.payments.adapters.faults import SagaFaults
-from services.payments.adapters.postgres import PaymentsStore
+from services.payments.adapters.postgres import PaymentsStore, create_store_pool
 from services.payments.adapters.processor import FakeProcessor, PaymentProcessor
 from services.payments.handlers import register_commands
 from services.payments.jobs import Sweeper
@@ -81,14 +83,19 @@ def build(
     )
     register_commands(runtime.router, store, saga, hold_ttl_seconds=ttl)
 
+    store_pool: list[asyncpg.Pool] = []
+
     async def started() -> None:
         assert runtime.pool is not None and settings.database_url
-        store.attach(runtime.pool)
+        dsn = settings.service_database_url or service_dsn(
+            settings.database_url, SERVICE, settings.db_role_password
+        )
+        # the store's own pool, without asyncpg's reset round trip on every release (the
+        # runtime's pool keeps serving the outbox relay and the health check)
+        store_pool.append(await create_store_pool(dsn))
+        store.attach(store_pool[0])
         if fake is not None:
-            await fake.open(
-                settings.service_database_url
-                or service_dsn(settings.database_url, SERVICE, settings.db_role_password)
-            )
+            await fake.open(dsn)
         # design §6: a restart resumes every unfinished saga before taking new work
         await sweeper.resume_unfinished(idle_seconds=0)
         await sweeper.expire_due()
@@ -101,6 +108,12 @@ def build(
         await sweeper.stop()
         if fake is not None:
             await fake.close()
+        while store_pool:
+            pool = store_pool.pop()
+            try:
+                await asyncio.wait_for(pool.close(), 10.0)
+            except (TimeoutError, *CONNECTION_ERRORS):
+                pool.terminate()  # a connection still busy: stopping must not hang
 
     runtime.publishes(
         EventCreated, TicketIssued, TicketCancelled, CheckoutCreated, CheckoutCompleted,

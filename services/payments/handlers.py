@@ -31,10 +31,11 @@ from libs.contracts.payments import (
     TicketTypeView,
 )
 from libs.envelope import new_id, utcnow
-from libs.errors import Conflict, InvalidInput, NotFound
+from libs.errors import Conflict, InvalidInput, NotFound, Unavailable
 from libs.outbox import add_events
 from libs.policy import Action, Resource, authorize
 from services.payments.adapters.postgres import (
+    CatalogChanged,
     CheckoutRecord,
     EventRow,
     PaymentsStore,
@@ -152,53 +153,70 @@ def register_commands(
         wanted = Tally[str]()
         for item in req.items:  # the same type twice is one line
             wanted[item.ticket_type] += item.quantity
-        try:
-            async with store.transaction(org) as conn:
-                if req.idempotency_key:
-                    existing = await store.checkout_id_by_create_key(conn, req.idempotency_key)
-                    if existing is not None:
-                        return _checkout_view(await store.load_checkout(conn, existing))  # type: ignore[arg-type]
-                try:
-                    types = await store.ticket_types_for(conn, req.event_id, sorted(wanted))
-                except UnknownTicketType as exc:
-                    if await store.load_event(conn, req.event_id) is None:
-                        raise NotFound(f"event {req.event_id} not found") from exc
-                    raise InvalidInput(str(exc), ticket_type=exc.ticket_type) from exc
-                items = [replace(t, quantity=wanted[t.ticket_type]) for t in types]
-                try:
-                    total = price_items([PricedItem(i.ticket_type, i.quantity, i.unit_price) for i in items])
-                except CurrencyMismatch as exc:
-                    raise InvalidInput(str(exc)) from exc
-                checkout_id = new_id()
-                expires_at = hold_expires_at(utcnow(), hold_ttl_seconds)
-                lines = [CheckoutItem(ticket_type=i.ticket_type, quantity=i.quantity) for i in items]
-                await store.insert_checkout(
-                    conn, org, checkout_id, req.event_id, req.customer_email, total, expires_at,
-                    items, req.idempotency_key,
+        for attempt in (1, 2):
+            known = await store.ticket_types_of(org, req.event_id)
+            if known is None or any(code not in known for code in wanted):
+                # not ours or not a type of it: find out which, the way it always was
+                async with store.transaction(org, readonly=True) as conn:
+                    if req.idempotency_key:  # a repeat returns the first checkout, as ever
+                        existing = await store.checkout_id_by_create_key(conn, req.idempotency_key)
+                        if existing is not None:
+                            return _checkout_view(await store.load_checkout(conn, existing))  # type: ignore[arg-type]
+                    try:
+                        await store.ticket_types_for(conn, req.event_id, sorted(wanted))
+                    except UnknownTicketType as exc:
+                        if await store.load_event(conn, req.event_id) is None:
+                            raise NotFound(f"event {req.event_id} not found") from exc
+                        raise InvalidInput(str(exc), ticket_type=exc.ticket_type) from exc
+                store.forget_ticket_types(org, req.event_id)  # it exists after all: reload
+                continue
+            items = [replace(known[code], quantity=wanted[code]) for code in sorted(wanted)]
+            try:
+                total = price_items([PricedItem(i.ticket_type, i.quantity, i.unit_price) for i in items])
+            except CurrencyMismatch as exc:
+                if req.idempotency_key:  # a repeat returns the first checkout, as ever
+                    async with store.transaction(org, readonly=True) as conn:
+                        existing = await store.checkout_id_by_create_key(conn, req.idempotency_key)
+                        if existing is not None:
+                            return _checkout_view(await store.load_checkout(conn, existing))  # type: ignore[arg-type]
+                raise InvalidInput(str(exc)) from exc
+            checkout_id = new_id()
+            expires_at = hold_expires_at(utcnow(), hold_ttl_seconds)
+            lines = [CheckoutItem(ticket_type=i.ticket_type, quantity=i.quantity) for i in items]
+            created = CheckoutCreated(
+                checkout_id=checkout_id, event_id=req.event_id, items=lines,
+                total=total.amount, currency=total.currency, expires_at=expires_at,
+            ).envelope(org, ctx.actor, ctx.correlation_id, ctx.message_id)  # fmt: skip
+            try:
+                # checkout, holds, event and stock: one statement, one transaction
+                existing = await store.create_checkout(
+                    org, checkout_id, req.event_id, req.customer_email, total, expires_at,
+                    items, req.idempotency_key, [created],
                 )  # fmt: skip
-                await add_events(conn, SERVICE, [
-                    CheckoutCreated(
-                        checkout_id=checkout_id, event_id=req.event_id, items=lines,
-                        total=total.amount, currency=total.currency, expires_at=expires_at,
-                    ).envelope(org, ctx.actor, ctx.correlation_id, ctx.message_id)
-                ])  # fmt: skip
-                # last, so a popular type's row stays locked only until the COMMIT right after
-                await store.hold(conn, items)
-        except SoldOut as exc:
-            raise Conflict(
-                f"sold out: {exc}", reason="sold_out", ticket_type=exc.ticket_type,
-                available=exc.available,
-            ) from exc  # fmt: skip
-        except asyncpg.UniqueViolationError:
-            if not req.idempotency_key:
-                raise
-            async with store.transaction(org, readonly=True) as conn:  # lost a race on the key
-                existing = await store.checkout_id_by_create_key(conn, req.idempotency_key)
-                return _checkout_view(await store.load_checkout(conn, existing))  # type: ignore[arg-type]
-        return CheckoutView(
-            checkout_id=checkout_id, event_id=req.event_id, total=total.amount,
-            currency=total.currency, expires_at=expires_at, status="pending", items=lines,
-        )  # fmt: skip
+            except SoldOut as exc:
+                raise Conflict(
+                    f"sold out: {exc}", reason="sold_out", ticket_type=exc.ticket_type,
+                    available=exc.available,
+                ) from exc  # fmt: skip
+            except CatalogChanged:
+                store.forget_ticket_types(org, req.event_id)
+                if attempt == 2:
+                    raise
+                continue
+            except asyncpg.UniqueViolationError:
+                if not req.idempotency_key:
+                    raise
+                # lost a race on the key: the winner's checkout
+                async with store.transaction(org, readonly=True) as conn:
+                    existing = await store.checkout_id_by_create_key(conn, req.idempotency_key)
+            if existing is not None:  # created before with this Idempotency-Key
+                async with store.transaction(org, readonly=True) as conn:
+                    return _checkout_view(await store.load_checkout(conn, existing))  # type: ignore[arg-type]
+            return CheckoutView(
+                checkout_id=checkout_id, event_id=req.event_id, total=total.amount,
+                currency=total.currency, expires_at=expires_at, status="pending", items=lines,
+            )  # fmt: skip
+        raise Unavailable("the event's ticket types could not be read; retry")
 
     @router.command("complete_checkout", CompleteCheckout, CheckoutCompletion)
     async def complete_checkout(ctx: CommandContext, req: CompleteCheckout) -> CheckoutCompletion:

@@ -3,7 +3,12 @@ compensation and refund paths.
 
 Every step commits its new state (and the events it causes, through the outbox) before the next
 one starts, so a crash anywhere leaves a state the saga resumes from (``resume``; run at
-startup and by the periodic sweep). One runner at a time drives a checkout: it holds the
+startup and by the periodic sweep). The steps that must be durable on their own are the intent
+(``charging``, committed before the processor is called) and, when something fails after the
+charge, ``compensating`` with the charge (committed before the refund). Recording a successful
+charge, booking the sale, issuing the tickets and queueing the events are one transaction
+(``charging -> completed``, one statement): a crash before it commits leaves ``charging``, and
+the charge is found by its idempotency key. One runner at a time drives a checkout: it holds the
 checkout's saga lock (a PostgreSQL session advisory lock, released when the runner's connection
 closes, crash included).
 
@@ -50,6 +55,7 @@ from libs.outbox import add_events
 from services.payments.adapters.faults import InjectedFailure, SagaFaults
 from services.payments.adapters.postgres import (
     CheckoutRecord,
+    CompletionClaim,
     LostRace,
     PaymentsStore,
     SagaBusy,
@@ -147,34 +153,24 @@ class CheckoutSaga:
     ) -> CheckoutCompletion:
         """Pay for a pending checkout and issue its tickets; a repeat with the same
         Idempotency-Key returns the first result and charges nothing more."""
-        claimed = False
+        claim = CompletionClaim(idempotency_key, actor, correlation_id, causation_id)
         try:
-            async with self._locked(org_id, checkout_id) as (session, c):
-                if c.completion_key is None:
+            async with self._locked(org_id, checkout_id, claim) as (session, c):
+                if session.claimed:  # pending -> charging, committed: the intent is durable
+                    self.faults.after("charging")
+                elif c.completion_key is None:
                     if c.status is not _S.PENDING:
                         raise Conflict(f"checkout is {c.status}", reason=str(c.status))
-                    if not await self.store.claim_for_completion(
-                        session.conn, checkout_id, idempotency_key, actor, correlation_id,
-                        causation_id,
-                    ):  # the holds lapsed (database clock)
-                        raise Conflict("checkout expired; its tickets were released",
-                                       reason="expired")  # fmt: skip
-                    await session.commit()
-                    claimed = True
-                    c = replace(c, status=_S.CHARGING, completion_key=idempotency_key,
-                                actor=actor, correlation_id=correlation_id,
-                                causation_id=causation_id)  # fmt: skip
-                else:
-                    await session.commit()
-                    if c.completion_key != idempotency_key:
-                        raise Conflict(
-                            "checkout is already completed or being completed with another "
-                            "Idempotency-Key", reason="already_completing",
-                        )  # fmt: skip
-                if c.completion is not None:  # a repeat: the first result
+                    # still pending, not claimed: the holds lapsed (database clock)
+                    raise Conflict("checkout expired; its tickets were released",
+                                   reason="expired")  # fmt: skip
+                elif c.completion_key != idempotency_key:
+                    raise Conflict(
+                        "checkout is already completed or being completed with another "
+                        "Idempotency-Key", reason="already_completing",
+                    )  # fmt: skip
+                elif c.completion is not None:  # a repeat: the first result
                     return CheckoutCompletion.model_validate(c.completion)
-                if claimed:
-                    self.faults.after("charging")
                 c = await self._drive_or_wait(session, c, payment_token)
         except asyncpg.UniqueViolationError as exc:
             raise Conflict(
@@ -199,10 +195,10 @@ class CheckoutSaga:
         same refund."""
         async with self._locked(org_id, checkout_id) as (session, c):
             if c.status is _S.COMPLETED:
-                await self.store.claim_for_refund(
-                    session.conn, checkout_id, actor, correlation_id, causation_id
-                )
-                await session.commit()
+                async with session.transaction() as conn:
+                    await self.store.claim_for_refund(
+                        conn, checkout_id, actor, correlation_id, causation_id
+                    )
                 c = replace(c, status=_S.REFUNDING, actor=actor,
                             correlation_id=correlation_id, causation_id=causation_id)  # fmt: skip
             else:
@@ -242,18 +238,18 @@ class CheckoutSaga:
 
     @asynccontextmanager
     async def _locked(
-        self, org_id: UUID, checkout_id: UUID
+        self, org_id: UUID, checkout_id: UUID, claim: CompletionClaim | None = None
     ) -> AsyncIterator[tuple[SagaSession, CheckoutRecord]]:
         """The checkout (``NotFound`` if the tenant has none) with its saga lock held for the
         block, waiting up to ``busy_wait_seconds`` for another runner (a concurrent retry, the
-        resumer) to let go. The block starts inside the transaction that read the checkout
-        (``session.conn``) and must ``session.commit()`` it before anything else."""
+        resumer) to let go. With ``claim``, a pending checkout is claimed for completion in the
+        same statement (``session.claimed``; already committed)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.busy_wait_seconds
         while True:
             async with self.store.saga_session(org_id, checkout_id) as session:
                 try:
-                    c = await session.open()
+                    c = await session.open(claim)
                 except SagaBusy:
                     pass
                 else:
@@ -309,7 +305,7 @@ class CheckoutSaga:
     ) -> CheckoutRecord:
         org, key = c.organization_id, _processor_key(c.checkout_id)
         if c.total.is_zero:  # free tickets: nothing to charge
-            return await self._charged(session, c, None)
+            return await self._after_charge(session, c, None, payment_token)
         try:
             if payment_token is None:
                 # resuming without the buyer: find out whether the charge happened
@@ -340,7 +336,20 @@ class CheckoutSaga:
                                       failure_reason=str(FailureReason.PROCESSOR_TIMEOUT))  # fmt: skip
             return replace(c, status=_S.COMPENSATING, charge_id=charge.charge_id,
                            failure_reason=FailureReason.PROCESSOR_TIMEOUT)  # fmt: skip
-        return await self._charged(session, c, charge.charge_id)
+        return await self._after_charge(session, c, charge.charge_id, payment_token)
+
+    async def _after_charge(
+        self, session: SagaSession, c: CheckoutRecord, charge_id: str | None,
+        payment_token: str | None,
+    ) -> CheckoutRecord:
+        """The processor has the money (or there was nothing to charge): finish in one
+        transaction. A crash before it commits leaves ``charging``, which the resumer settles
+        by finding the charge by its key. Only when a test asks to crash between the old
+        steps does the saga persist ``charged`` and ``posted`` on their own (the same steps
+        resume sagas that were left in those states)."""
+        if self.faults.step_by_step:
+            return await self._charged(session, c, charge_id)
+        return await self._finish(session, c, charge_id, payment_token)
 
     async def _charged(self, session: SagaSession, c: CheckoutRecord, charge_id: str | None) -> CheckoutRecord:
         async with session.transaction() as conn:
@@ -398,15 +407,65 @@ class CheckoutSaga:
         log.info("checkout_completed", checkout_id=str(c.checkout_id), tickets=len(tickets))
         return replace(c, status=_S.COMPLETED, completion=completion)
 
-    async def _start_compensation(
-        self, session: SagaSession, c: CheckoutRecord, exc: BaseException
+    async def _finish(
+        self, session: SagaSession, c: CheckoutRecord, charge_id: str | None,
+        payment_token: str | None,
     ) -> CheckoutRecord:
+        """charging -> completed in one transaction (one statement): record the charge, post
+        the sale, issue the tickets, consume the holds, queue every event; it also lets go of
+        the saga lock. If it fails, nothing of it exists and the charge is recorded with
+        ``compensating`` before anything else happens (then refunded)."""
+        try:
+            self.faults.before_post(payment_token)
+            entry = sale_entry(new_id(), c.checkout_id, c.total, c.total.share_bps(self.platform_fee_bps))
+        except (InjectedFailure, UnbalancedEntry) as exc:
+            return await self._start_compensation(session, c, exc, charge_id=charge_id)
+        now = utcnow()
+        tickets = [(new_ticket_code(), item) for item in c.items for _ in range(item.quantity)]
+        issued = [IssuedTicket(ticket_code=code, ticket_type=item.ticket_type) for code, item in tickets]
+        completion = CheckoutCompletion(
+            checkout_id=c.checkout_id, status="completed", tickets=issued,
+            total=c.total.amount, currency=c.total.currency,
+        ).model_dump(mode="json")  # fmt: skip
+        events: list = [] if entry is None else [_entry_event(entry, now)]
+        events += [
+            TicketIssued(ticket_code=code, event_id=c.event_id, ticket_type=item.ticket_type,
+                         checkout_id=c.checkout_id, issued_at=now)  # fmt: skip
+            for code, item in tickets
+        ]
+        events.append(
+            CheckoutCompleted(
+                checkout_id=c.checkout_id, event_id=c.event_id, total=c.total.amount,
+                currency=c.total.currency, charge_id=charge_id, tickets=issued, completed_at=now,
+            )  # fmt: skip
+        )
+        try:
+            await self.store.finish_checkout(
+                session, c, charge_id, entry, now, tickets, now, completion, self._envelopes(c, events)
+            )  # fmt: skip
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, CONNECTION_ERRORS):
+                raise
+            return await self._start_compensation(session, c, exc, charge_id=charge_id)
+        SAGA_OUTCOMES.labels("completed").inc()
+        log.info("checkout_completed", checkout_id=str(c.checkout_id), tickets=len(tickets))
+        return replace(c, status=_S.COMPLETED, charge_id=charge_id, completion=completion)
+
+    async def _start_compensation(
+        self, session: SagaSession, c: CheckoutRecord, exc: BaseException, *,
+        charge_id: str | None = None,
+    ) -> CheckoutRecord:
+        """Move to ``compensating`` (with the charge, when it was taken in ``charging`` and is
+        recorded only now) so the refund and the release follow."""
         log.warning("saga_step_failed", checkout_id=str(c.checkout_id), status=str(c.status),
                     error=repr(exc))  # fmt: skip
+        fields: dict = {"failure_reason": str(FailureReason.PROCESSING_FAILED)}
+        if charge_id is not None:
+            fields["charge_id"] = charge_id
         async with session.transaction() as conn:
-            await self.store.move(conn, c, _S.COMPENSATING,
-                                  failure_reason=str(FailureReason.PROCESSING_FAILED))  # fmt: skip
-        return replace(c, status=_S.COMPENSATING, failure_reason=FailureReason.PROCESSING_FAILED)
+            await self.store.move(conn, c, _S.COMPENSATING, **fields)
+        return replace(c, status=_S.COMPENSATING, charge_id=charge_id or c.charge_id,
+                       failure_reason=FailureReason.PROCESSING_FAILED)  # fmt: skip
 
     async def _compensate(self, session: SagaSession, c: CheckoutRecord) -> CheckoutRecord:
         refund_id = None

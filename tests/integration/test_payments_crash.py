@@ -165,3 +165,85 @@ async def test_killed_mid_saga_then_restarted_completes_and_the_money_reconciles
         first.stop()
         if second is not None:
             second.stop()
+
+
+async def test_killed_after_the_charge_before_anything_was_recorded_the_restart_completes_once(
+        server_urls, context_keys, commands, db, tmp_path, platform_settings):
+    """The saga's own path: after the charge, recording it, booking the sale, issuing the
+    tickets and queueing the events are ONE transaction. A kill between the processor's answer
+    and that commit leaves the checkout in 'charging' with the money at the processor. Made
+    here by killing the process right after 'charging' committed and then letting the charge
+    land at the processor (the request was on the wire): the restart finds the charge by its
+    key and completes the sale, exactly once."""
+    from services.payments.adapters.processor import FakeProcessor
+    from services.payments.domain.money import Money
+    from services.payments.saga import _processor_key
+    from libs.db import service_dsn
+
+    org = uuid.uuid4()
+    owner = Actor(user_id="owner", organization_id=org, role=Role.OWNER, type=ActorType.USER)
+
+    async def call(name, body, timeout=10.0):
+        return await commands.request(f"vge.cmd.payments.{name}", body, actor=owner, org_id=org,
+                                      correlation_id=f"crash-{uuid.uuid4().hex[:6]}", timeout=timeout)
+
+    first = PaymentsProcess(server_urls, context_keys[1], tmp_path / "payments.log",
+                            VGE_PAYMENTS_CRASH_AFTER="charging")
+    second = None
+    fake = FakeProcessor()
+    try:
+        await first.healthy()
+        start = datetime.now(UTC) + timedelta(days=3)
+        event = await call("create_event", {
+            "name": "crash", "starts_at": start.isoformat(),
+            "ends_at": (start + timedelta(hours=2)).isoformat(), "capacity": 10,
+            "ticket_types": [{"code": "GA", "name": "GA", "price": PRICE, "quantity": 10}]})
+        checkout = await call("create_checkout", {
+            "event_id": event["event_id"], "customer_email": "c@example.com",
+            "items": [{"ticket_type": "GA", "quantity": 2}]})
+        complete = {"checkout_id": checkout["checkout_id"], "payment_token": "tok_ok",
+                    "idempotency_key": "crash-key-taken"}
+        with pytest.raises(Unavailable):
+            await call("complete_checkout", complete, timeout=3)
+        assert await first.exited() == -signal.SIGKILL
+        checkout_id = uuid.UUID(checkout["checkout_id"])
+        assert await db.fetchval("SELECT status FROM checkouts WHERE id = $1", checkout_id) == "charging"
+
+        # the charge that was in flight when the process died reaches the processor
+        await fake.open(service_dsn(server_urls["database_url"], "payments",
+                                    platform_settings.db_role_password))
+        await fake.charge(org, _processor_key(checkout_id), Money(2 * PRICE, "ZAR"), "tok_ok")
+        assert await db.fetchval("SELECT count(*) FROM tickets WHERE checkout_id = $1", checkout_id) == 0
+        assert await db.fetchval("SELECT count(*) FROM journal_entries WHERE organization_id = $1", org) == 0
+
+        second = PaymentsProcess(server_urls, context_keys[1], tmp_path / "payments.log")
+        await second.healthy()
+        view = await call("get_checkout", {"checkout_id": checkout["checkout_id"]})
+        assert view["status"] == "completed" and len(view["tickets"]) == 2
+        retried = await call("complete_checkout", complete)
+        assert retried["status"] == "completed"
+        assert sorted(t["ticket_code"] for t in retried["tickets"]) == sorted(
+            t["ticket_code"] for t in view["tickets"])
+
+        charged, refunded, charges = await db.fetchrow(
+            "SELECT coalesce(sum(c.amount), 0), coalesce(sum(r.amount), 0), count(c.id) "
+            "FROM fake_processor_charges c LEFT JOIN fake_processor_refunds r "
+            "ON r.organization_id = c.organization_id AND r.charge_id = c.id "
+            "WHERE c.organization_id = $1", org)
+        balances = {a["account"]: a for a in (await call("ledger_balances", {}))["accounts"]}
+        assert charges == 1
+        assert charged - refunded == balances["processor_receivable"]["balance"] == 2 * PRICE
+        assert sum(a["balance"] for a in balances.values()) == 0
+        assert await db.fetchval("SELECT count(*) FROM journal_entries WHERE organization_id = $1", org) == 1
+        assert await db.fetchval("SELECT charge_id FROM checkouts WHERE id = $1", checkout_id) is not None
+        assert await db.fetchval("SELECT reserved FROM ticket_types WHERE event_id = $1",
+                                 uuid.UUID(event["event_id"])) == 2
+        assert await db.fetchval("SELECT count(*) FROM holds WHERE checkout_id = $1 "
+                                 "AND state = 'consumed'", checkout_id) == 1
+        assert await db.fetchval("SELECT count(*) FROM outbox WHERE organization_id = $1 "
+                                 "AND subject LIKE '%ticket.issued'", org) == 2
+    finally:
+        await fake.close()
+        first.stop()
+        if second is not None:
+            second.stop()

@@ -237,3 +237,12 @@ def test_fault_switches():
     SagaFaults(crash_after="post").after("charge")  # another step: no crash
     with pytest.raises(ValueError):
         SagaFaults(crash_after="tickets")
+
+
+def test_charging_completes_in_one_step_only_together_with_the_sale_and_tickets():
+    """charging -> completed is the one transaction that records the charge, books the sale and
+    issues the tickets; the step-by-step path is still allowed, skipping a step of it is not."""
+    ensure_transition(S.CHARGING, S.COMPLETED)
+    for a, b in [(S.PENDING, S.COMPLETED), (S.CHARGED, S.COMPLETED), (S.PENDING, S.POSTED)]:
+        with pytest.raises(IllegalTransition):
+            ensure_transition(a, b)

@@ -7,7 +7,12 @@ Two switches, both off in production:
 * ``VGE_PAYMENTS_CRASH_AFTER=<step>`` (environment, test only): the process kills itself with
   SIGKILL right after ``<step>`` committed: ``charging`` (intent persisted, processor not yet
   called), ``charge`` (charge persisted, nothing booked), ``post`` (sale booked, no tickets).
-  A restart must then resume the saga. Only honoured when ``VGE_ENVIRONMENT`` is not ``prod``.
+  Without a crash switch the saga records the charge, books the sale, issues the tickets and
+  queues the events in one transaction after the charge.
+  ``charge`` and ``post`` make the saga persist those steps one by one, as it does when it
+  resumes a saga found in ``charged`` or ``posted``, so that those states and their resumption
+  stay tested. A restart must then resume the saga. Only honoured when ``VGE_ENVIRONMENT`` is
+  not ``prod``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ log = get_logger(__name__)
 
 CrashPoint = Literal["charging", "charge", "post"]
 CRASH_POINTS: tuple[str, ...] = ("charging", "charge", "post")
+_STEP_BY_STEP = frozenset({"charge", "post"})
 
 
 class InjectedFailure(RuntimeError):
@@ -39,6 +45,12 @@ class SagaFaults:
             raise ValueError(f"VGE_PAYMENTS_CRASH_AFTER must be one of {CRASH_POINTS}")
         self._fail_after_charge = fail_after_charge_token
         self._crash_after = crash_after
+
+    @property
+    def step_by_step(self) -> bool:
+        """Whether the saga must commit ``charged`` and ``posted`` as steps of their own (a
+        test crashes it between them)."""
+        return self._crash_after in _STEP_BY_STEP
 
     def before_post(self, token: str | None) -> None:
         """Raise ``InjectedFailure`` if the buyer's token asks the step after the charge to fail."""

@@ -11,14 +11,25 @@ A running saga holds a PostgreSQL session advisory lock on its checkout for as l
 same time, and a crashed process's lock disappears with its connection.
 
 Round trips are the cost of this service (each one is a send, a wake-up of the database and a
-wake-up of this process), so each step is written as few statements as it can be: a
-transaction opens in one round trip, a step's writes are one statement with data-modifying
-CTEs, and a popular ticket type's row is locked by the last statement before COMMIT only.
+wake-up of this process), so each step of a checkout is ONE statement, its own transaction:
+a PL/pgSQL function of migrations/0002 and 0003 that sets the tenant transaction-locally first
+(exactly as ``tenant_transaction`` does; the functions run as the calling, non-owner role, so
+row-level security applies to every query in them) and writes the state change and its
+outbox rows together. A checkout costs four: ``checkout_create`` (checkout, holds, stock,
+event), ``checkout_open`` (saga lock + pending -> charging), the processor's charge,
+``checkout_finish`` (charge, sale, tickets, events, unlock). Concurrent creations and
+finishes of one tenant go together in one statement (``checkout_create_many``,
+``checkout_finish_many``) while the previous one is in flight, so under load a commit carries
+many checkouts; each still succeeds or fails on its own. The store's pool skips asyncpg's
+reset query on release (``create_store_pool``). The other steps (compensation, refunds,
+resuming sagas found in ``charged`` or ``posted``) keep their multi-statement transactions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,7 +40,11 @@ from uuid import UUID
 import asyncpg
 
 from libs.actor import Actor
-from libs.db import rollback_quietly, tenant_transaction_on
+from libs.db import create_pool, rollback_quietly, tenant_transaction_on
+from libs.envelope import Envelope
+from libs.errors import Unavailable
+from libs.log import get_logger
+from libs.outbox import outbox_rows
 from services.payments.domain.checkout import (
     CheckoutStatus,
     FailureReason,
@@ -55,6 +70,9 @@ __all__ = [
     "SoldOut",
     "UnknownTicketType",
     "LostRace",
+    "CatalogChanged",
+    "CompletionClaim",
+    "create_store_pool",
 ]
 
 
@@ -77,6 +95,11 @@ class UnknownTicketType(Exception):
 
 class LostRace(Exception):
     """A conditional state change found the checkout in another state than expected."""
+
+
+class CatalogChanged(Exception):
+    """A ticket type did not match what the caller priced the checkout with (a stale cache;
+    nothing was written)."""
 
 
 class SagaBusy(Exception):
@@ -150,6 +173,18 @@ class CheckoutRecord:
     items: tuple[HeldItem, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class CompletionClaim:
+    """Who asks to complete a checkout, with which Idempotency-Key (``SagaSession.open``)."""
+
+    key: str
+    actor: Actor
+    correlation_id: str
+    causation_id: str | None
+
+
+log = get_logger(__name__)
+
 _CHECKOUT_COLUMNS = """
        c.organization_id, c.id, c.event_id, c.status, c.total, c.currency, c.expires_at,
        c.completion_key, c.charge_id, c.refund_id, c.failure_reason, c.completion, c.refund,
@@ -206,46 +241,75 @@ class SagaSession:
         self.conn = conn
         self.org_id = org_id
         self.checkout_id = checkout_id
-        self.locked = False
+        self.locked = False  # (maybe) holding the saga lock
+        self.claimed = False  # ``open(claim=...)`` moved the checkout to charging
 
     def transaction(self, *, readonly: bool = False):
         """A tenant transaction on this session's connection."""
         return tenant_transaction_on(self.conn, self.org_id, readonly=readonly)
 
-    async def open(self) -> CheckoutRecord | None:
-        """Begin a tenant transaction, take the saga lock and read the checkout (the lock and
-        the read are one statement), and leave the transaction open for the caller's first
-        change; ``commit`` ends it. None if the tenant has no such checkout (then no lock is
-        taken: the lock is evaluated only for a visible row); ``SagaBusy`` if another runner
-        holds it."""
-        await self.conn.execute(
-            f"BEGIN; SELECT set_config('vge.org_id', '{UUID(str(self.org_id))}', true)"
-        )
+    async def open(self, claim: "CompletionClaim | None" = None) -> CheckoutRecord | None:
+        """Take the saga lock and read the checkout, in one statement (``checkout_open``, its
+        own tenant transaction); with ``claim``, also move a pending checkout whose holds have
+        not lapsed to ``charging`` with the claim's Idempotency-Key and requester (committed
+        when this returns: the intent is durable before the processor is called; see
+        ``claimed``). None if the tenant has no such checkout (then no lock is taken: the
+        lock is evaluated only for a visible row); ``SagaBusy`` if another runner holds it."""
+        # Pessimistic until the answer says otherwise: if the statement fails after taking the
+        # lock (a reused completion key), the lock is still held (session locks are not
+        # transactional) and must be let go of when the session ends.
+        self.locked = True
         try:
-            row = await self.conn.fetchrow(
-                f"SELECT pg_try_advisory_lock(hashtextextended($2, 0)) AS locked, {_CHECKOUT_COLUMNS} "
-                "FROM checkouts c WHERE c.id = $1",
-                self.checkout_id, _saga_lock_key(self.checkout_id),
-            )  # fmt: skip
+            if claim is None:
+                row = await self.conn.fetchrow(
+                    "SELECT * FROM checkout_open($1, $2, $3)",
+                    self.org_id, self.checkout_id, _saga_lock_key(self.checkout_id),
+                )  # fmt: skip
+            else:
+                row = await self.conn.fetchrow(
+                    "SELECT * FROM checkout_open($1, $2, $3, $4, $5, $6, $7)",
+                    self.org_id, self.checkout_id, _saga_lock_key(self.checkout_id), claim.key,
+                    claim.actor.model_dump(mode="json"), claim.correlation_id, claim.causation_id,
+                )  # fmt: skip
         except BaseException:
             await self.rollback()
             raise
         if row is None:
-            await self.rollback()
+            self.locked = False
             return None
         if not row["locked"]:
-            await self.rollback()
+            self.locked = False
             raise SagaBusy(f"checkout {self.checkout_id} is being driven elsewhere")
-        self.locked = True
+        self.claimed = bool(row["claimed"])
         return _checkout(row)
 
     async def commit(self) -> None:
-        """End the transaction ``open`` began."""
-        await self.conn.execute("COMMIT")
+        """End a transaction left open on this session, if any (``open`` leaves none: its
+        statement is its own transaction; kept so callers read as before)."""
+        if self.conn.is_in_transaction():
+            await self.conn.execute("COMMIT")
 
     async def rollback(self) -> None:
         """Abandon the transaction ``open`` began, if it is still open."""
         await rollback_quietly(self.conn)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset that sends nothing (asyncpg still rolls back an open transaction first)."""
+
+
+async def create_store_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
+    """The store's own pool: as ``libs.db.create_pool``, without asyncpg's reset query on
+    every release (one round trip per use). Nothing here keeps session state: the tenant is
+    transaction-local, nothing LISTENs, no cursor outlives its transaction, and the one session
+    lock (the saga lock) is released by ``saga_session`` or its connection is dropped."""
+    return await create_pool(
+        dsn, schema=SERVICE_SCHEMA, min_size=min_size, max_size=max_size, reset=_keep_session
+    )
+
+
+SERVICE_SCHEMA = "payments"
+_CATALOG_CACHE_SIZE = 4096
 
 
 class PaymentsStore:
@@ -254,6 +318,16 @@ class PaymentsStore:
 
     def __init__(self, pool: asyncpg.Pool | None = None) -> None:
         self._pool = pool
+        # (tenant, event) -> {code: ticket type as an unheld item}. Ticket types never change
+        # once created (only their stock, which is not cached), and ``checkout_create``
+        # re-checks price, currency, code and event under the row lock anyway.
+        self._catalog: OrderedDict[tuple[UUID, UUID], dict[str, HeldItem]] = OrderedDict()
+        # checkouts waiting to be created, per tenant, and the task creating them
+        self._creating: dict[UUID, list[_NewCheckout]] = {}
+        self._create_runners: dict[UUID, asyncio.Task[None]] = {}
+        # sagas waiting to be finished, per tenant, and the task finishing them
+        self._finishing: dict[UUID, list[_Finish]] = {}
+        self._finish_runners: dict[UUID, asyncio.Task[None]] = {}
 
     def attach(self, pool: asyncpg.Pool) -> None:
         """Use ``pool`` (the runtime's, which exists only once the service has started)."""
@@ -278,7 +352,9 @@ class PaymentsStore:
     @asynccontextmanager
     async def saga_session(self, org_id: UUID, checkout_id: UUID) -> AsyncIterator[SagaSession]:
         """A connection for driving one checkout; the saga lock taken by ``SagaSession.open``
-        is released when the block ends."""
+        is released when the block ends (``checkout_finish`` already lets go of it on the happy
+        path). The pool does not reset connections (``create_store_pool``), so a lock that
+        cannot be released for sure is dropped with its connection instead."""
         async with self.pool.acquire() as conn:
             session = SagaSession(conn, org_id, checkout_id)
             try:
@@ -286,11 +362,14 @@ class PaymentsStore:
             finally:
                 await session.rollback()  # a transaction left open by an error
                 if session.locked and not conn.is_closed():
-                    # (the pool's reset would drop it too; unlock now so a waiter goes on)
-                    await conn.execute(
-                        "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-                        _saga_lock_key(checkout_id),
-                    )
+                    try:
+                        # a connection drives one checkout at a time: all of its advisory
+                        # locks are this saga's (and none is an error)
+                        await conn.execute("SELECT pg_advisory_unlock_all()")
+                        session.locked = False
+                    finally:
+                        if session.locked:  # cancelled or failed: never pool a held lock
+                            conn.terminate()
 
     # -- catalog ----------------------------------------------------------------------------
 
@@ -386,9 +465,32 @@ class PaymentsStore:
             HeldItem(rows[c]["id"], c, 0, Money(rows[c]["price"], rows[c]["currency"])) for c in codes
         ]
 
-    async def insert_checkout(
+    async def ticket_types_of(self, org_id: UUID, event_id: UUID) -> dict[str, HeldItem] | None:
+        """Every ticket type of an event as unheld items by code (cached: they never change),
+        or None if the tenant has no such event (or it has no types)."""
+        key = (org_id, event_id)
+        types = self._catalog.get(key)
+        if types is not None:
+            self._catalog.move_to_end(key)
+            return types
+        async with self.transaction(org_id, readonly=True) as conn:
+            rows = await conn.fetch(
+                "SELECT id, code, price, currency FROM ticket_types WHERE event_id = $1", event_id
+            )
+        if not rows:
+            return None
+        types = {r["code"]: HeldItem(r["id"], r["code"], 0, Money(r["price"], r["currency"])) for r in rows}
+        self._catalog[key] = types
+        if len(self._catalog) > _CATALOG_CACHE_SIZE:
+            self._catalog.popitem(last=False)
+        return types
+
+    def forget_ticket_types(self, org_id: UUID, event_id: UUID) -> None:
+        """Drop an event's cached ticket types."""
+        self._catalog.pop((org_id, event_id), None)
+
+    async def create_checkout(
         self,
-        conn: asyncpg.Connection,
         org_id: UUID,
         checkout_id: UUID,
         event_id: UUID,
@@ -397,71 +499,250 @@ class PaymentsStore:
         expires_at: datetime,
         items: Sequence[HeldItem],
         create_key: str | None,
-    ) -> None:
-        """Store a pending checkout and its holds (one statement). The stock is taken by
-        ``hold`` afterwards, last in the transaction."""
-        await conn.execute(
-            "WITH c AS ("
-            "  INSERT INTO checkouts (organization_id, id, event_id, customer_email, status, total, "
-            "  currency, expires_at, create_key) "
-            "  VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8) RETURNING id) "
-            "INSERT INTO holds (organization_id, checkout_id, ticket_type_id, ticket_type, "
-            "quantity, unit_price, expires_at) "
-            "SELECT $1, c.id, t.id, t.code, t.qty, t.price, $7 "
-            "FROM c, unnest($9::uuid[], $10::text[], $11::int[], $12::bigint[]) AS t(id, code, qty, price)",
-            org_id, checkout_id, event_id, customer_email, total.amount, total.currency,
-            expires_at, create_key,
-            [i.ticket_type_id for i in items], [i.ticket_type for i in items],
-            [i.quantity for i in items], [i.unit_price.amount for i in items],
-        )  # fmt: skip
+        events: Sequence[Envelope],
+    ) -> UUID | None:
+        """Store a pending checkout, its holds and its events and take the stock, in its own
+        tenant transaction, together with the tenant's other checkouts being created right now
+        (one statement, ``checkout_create_many``, while the previous one is in flight; a
+        checkout alone goes by itself at once). Returns the earlier checkout's id if
+        ``create_key`` was used before (then nothing is written). Raises ``SoldOut`` or
+        ``CatalogChanged`` (nothing written for this checkout)."""
+        new = _NewCheckout(checkout_id, event_id, customer_email, total, expires_at, tuple(items),
+                           create_key, _own_outbox_rows(org_id, events),
+                           asyncio.get_running_loop().create_future())  # fmt: skip
+        self._creating.setdefault(org_id, []).append(new)
+        if org_id not in self._create_runners:
+            self._create_runners[org_id] = asyncio.create_task(self._create_batches(org_id))
+        return await asyncio.shield(new.result)
 
-    async def hold(self, conn: asyncpg.Connection, items: Sequence[HeldItem]) -> None:
-        """Reserve each item's quantity of its ticket type, or raise ``SoldOut`` (the caller's
-        transaction then rolls back every hold).
-
-        One conditional UPDATE per type: the row lock serialises concurrent checkouts on a
-        type, on every replica, and the condition re-checks the stock under that lock, so two
-        buyers can never take the same last ticket (and ``never_oversold`` backs it up). Types
-        are locked in id order so two multi-type checkouts cannot deadlock.
-        """
-        for item in sorted(items, key=lambda i: i.ticket_type_id):
-            left = await conn.fetchval(
-                "UPDATE ticket_types SET reserved = reserved + $2 "
-                "WHERE id = $1 AND reserved + $2 <= quantity RETURNING quantity - reserved",
-                item.ticket_type_id, item.quantity,
-            )  # fmt: skip
-            if left is None:
-                available = await conn.fetchval(
-                    "SELECT quantity - reserved FROM ticket_types WHERE id = $1", item.ticket_type_id
+    async def _create_batches(self, org_id: UUID) -> None:
+        """Create the tenant's queued checkouts, a batch at a time, until none is left."""
+        batch: list[_NewCheckout] = []
+        try:
+            while batch := self._creating.pop(org_id, []):
+                if len(batch) > _CREATE_BATCH:
+                    self._creating[org_id] = batch[_CREATE_BATCH:] + self._creating.get(org_id, [])
+                    batch = batch[:_CREATE_BATCH]
+                if len(batch) > 1:
+                    try:
+                        outcomes = await self._create_many(org_id, batch)
+                    except Exception as exc:  # noqa: BLE001 - one by one: each its own answer
+                        log.warning("create_batch_failed", checkouts=len(batch), error=repr(exc))
+                        outcomes = None
+                    if outcomes is not None:
+                        for new, outcome in zip(batch, outcomes):
+                            _settle(new.result, outcome)
+                        continue
+                results = await asyncio.gather(
+                    *(self._create_one(org_id, new) for new in batch), return_exceptions=True
                 )
-                raise SoldOut(item.ticket_type, max(0, available or 0))
+                for new, outcome in zip(batch, results):
+                    _settle(new.result, outcome)
+        finally:
+            self._create_runners.pop(org_id, None)
+            # (only if this task was cancelled: nobody is left waiting forever)
+            for new in batch + self._creating.pop(org_id, []):
+                _settle(new.result, Unavailable("checkout not created; retry"))
+
+    async def _create_many(self, org_id: UUID, batch: Sequence[_NewCheckout]) -> list[Any]:
+        item_of: list[int] = []
+        items: list[HeldItem] = []
+        event_of: list[int] = []
+        event_ids: list[Any] = []
+        subjects: list[str] = []
+        payloads: list[bytes] = []
+        for n, new in enumerate(batch, start=1):
+            item_of += [n] * len(new.items)
+            items += new.items
+            ids, _, subj, pay = new.outbox
+            event_of += [n] * len(ids)
+            event_ids += ids
+            subjects += subj
+            payloads += pay
+        rows = await self.pool.fetch(
+            "SELECT * FROM checkout_create_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, "
+            "$12, $13, $14, $15, $16, $17)",
+            org_id, [b.checkout_id for b in batch], [b.event_id for b in batch],
+            [b.customer_email for b in batch], [b.total.amount for b in batch],
+            [b.total.currency for b in batch], [b.expires_at for b in batch],
+            [b.create_key for b in batch],
+            item_of, [i.ticket_type_id for i in items], [i.ticket_type for i in items],
+            [i.quantity for i in items], [i.unit_price.amount for i in items],
+            event_of, event_ids, subjects, payloads,
+        )  # fmt: skip
+        outcomes: list[Any] = [None] * len(batch)
+        for r in rows:
+            if r["existing"] is not None:
+                outcomes[r["i"] - 1] = r["existing"]
+            elif r["error"] == "sold_out":
+                outcomes[r["i"] - 1] = SoldOut(r["ticket_type"], r["available"])
+            elif r["error"] == "catalog_changed":
+                outcomes[r["i"] - 1] = CatalogChanged(r["ticket_type"])
+        return outcomes
+
+    async def _create_one(self, org_id: UUID, new: _NewCheckout) -> UUID | None:
+        event_ids, _, subjects, payloads = new.outbox
+        items = new.items
+        try:
+            return await self.pool.fetchval(
+                "SELECT checkout_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
+                "$13, $14, $15)",
+                org_id, new.checkout_id, new.event_id, new.customer_email, new.total.amount,
+                new.total.currency, new.expires_at, new.create_key,
+                [i.ticket_type_id for i in items], [i.ticket_type for i in items],
+                [i.quantity for i in items], [i.unit_price.amount for i in items],
+                event_ids, subjects, payloads,
+            )  # fmt: skip
+        except asyncpg.RaiseError as exc:
+            if exc.message == "vge_sold_out":
+                raise SoldOut(exc.detail or "?", int(exc.hint or 0)) from exc
+            if exc.message == "vge_catalog_changed":
+                raise CatalogChanged(exc.detail or "?") from exc
+            raise
+
+    async def finish_checkout(
+        self,
+        session: SagaSession,
+        checkout: CheckoutRecord,
+        charge_id: str | None,
+        entry: JournalEntry | None,
+        posted_at: datetime,
+        tickets: Sequence[tuple[str, HeldItem]],
+        issued_at: datetime,
+        completion: dict[str, Any],
+        events: Sequence[Envelope],
+    ) -> None:
+        """charging -> completed in its own tenant transaction: the charge recorded, the sale's
+        entry booked (balanced: checked by the database), the tickets issued, the holds
+        consumed, the events queued. Sagas of the tenant finishing at the same moment go
+        together (one statement, ``checkout_finish_many``, run on the first one's connection);
+        one alone goes at once with ``checkout_finish``, which also lets go of its saga lock.
+        ``LostRace`` (nothing written) if the checkout was no longer ``charging``; a database
+        error is this saga's own (a failed batch is retried saga by saga)."""
+        ensure_transition(checkout.status, CheckoutStatus.COMPLETED)
+        if checkout.status is not CheckoutStatus.CHARGING:  # (only charging is batched)
+            return await self._finish_one(session, checkout, charge_id, entry, posted_at,
+                                          tickets, issued_at, completion, events)  # fmt: skip
+        org = checkout.organization_id
+        fin = _Finish(session, checkout, charge_id, entry, posted_at, tickets, issued_at,
+                      completion, tuple(events), asyncio.get_running_loop().create_future())  # fmt: skip
+        self._finishing.setdefault(org, []).append(fin)
+        if org not in self._finish_runners:
+            self._finish_runners[org] = asyncio.create_task(self._finish_batches(org))
+        try:
+            await asyncio.shield(fin.result)
+        except asyncio.CancelledError:
+            # the batch may be running on this session's connection: never hand it back to
+            # the pool (or unlock on it) before that statement has ended
+            await asyncio.wait([fin.result])
+            raise
+
+    async def _finish_batches(self, org_id: UUID) -> None:
+        """Finish the tenant's queued sagas, a batch at a time, until none is left: several
+        in one statement, one alone (or each of a batch that failed) on its own."""
+        batch: list[_Finish] = []
+        try:
+            while batch := self._finishing.pop(org_id, []):
+                if len(batch) > _FINISH_BATCH:
+                    self._finishing[org_id] = batch[_FINISH_BATCH:] + self._finishing.get(org_id, [])
+                    batch = batch[:_FINISH_BATCH]
+                if len(batch) > 1:
+                    try:
+                        moved = await self._finish_many(org_id, batch)
+                    except Exception as exc:  # noqa: BLE001 - saga by saga: each its own answer
+                        log.warning("finish_batch_failed", sagas=len(batch), error=repr(exc))
+                        moved = None
+                    if moved is not None:
+                        for fin, done in zip(batch, moved):
+                            _settle(fin.result, True if done else LostRace(
+                                f"checkout {fin.checkout.checkout_id} is no longer charging"))
+                        continue
+                results = await asyncio.gather(*(
+                    self._finish_one(f.session, f.checkout, f.charge_id, f.entry, f.posted_at,
+                                     f.tickets, f.issued_at, f.completion, f.events)
+                    for f in batch), return_exceptions=True)  # fmt: skip
+                for fin, outcome in zip(batch, results):
+                    _settle(fin.result, True if outcome is None else outcome)
+        finally:
+            self._finish_runners.pop(org_id, None)
+            # (only if this task was cancelled: the outcome is unknown, the resumer settles it)
+            for fin in batch + self._finishing.pop(org_id, []):
+                _settle(fin.result, Unavailable("completion outcome unknown; retry"))
+
+    async def _finish_many(self, org_id: UUID, batch: Sequence[_Finish]) -> list[bool]:
+        ticket_of: list[int] = []
+        tickets: list[tuple[str, HeldItem]] = []
+        line_of: list[int] = []
+        lines: list[JournalLine] = []
+        event_of: list[int] = []
+        event_ids: list[Any] = []
+        subjects: list[str] = []
+        payloads: list[bytes] = []
+        for n, fin in enumerate(batch, start=1):
+            ticket_of += [n] * len(fin.tickets)
+            tickets += fin.tickets
+            if fin.entry is not None:
+                line_of += [n] * len(fin.entry.lines)
+                lines += fin.entry.lines
+            ids, _, subj, pay = _own_outbox_rows(org_id, fin.events)
+            event_of += [n] * len(ids)
+            event_ids += ids
+            subjects += subj
+            payloads += pay
+        # on the first saga's connection: it waits for this anyway, and a pool connection of
+        # our own could be one that every waiting saga holds
+        moved = await batch[0].session.conn.fetchval(
+            "SELECT checkout_finish_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
+            "$14, $15, $16, $17, $18, $19, $20, $21)",
+            org_id, [f.checkout.checkout_id for f in batch], [f.charge_id for f in batch],
+            [json.dumps(f.completion) for f in batch], [f.checkout.event_id for f in batch],
+            [f.issued_at for f in batch],
+            ticket_of, [code for code, _ in tickets], [i.ticket_type_id for _, i in tickets],
+            [i.ticket_type for _, i in tickets],
+            [f.entry.entry_id if f.entry is not None else None for f in batch],
+            [f.entry.description if f.entry is not None else None for f in batch],
+            line_of, [str(l.account) for l in lines], [str(l.side) for l in lines],
+            [l.amount.amount for l in lines], [l.amount.currency for l in lines],
+            event_of, event_ids, subjects, payloads,
+        )  # fmt: skip
+        return list(moved)
+
+    async def _finish_one(
+        self,
+        session: SagaSession,
+        checkout: CheckoutRecord,
+        charge_id: str | None,
+        entry: JournalEntry | None,
+        posted_at: datetime,
+        tickets: Sequence[tuple[str, HeldItem]],
+        issued_at: datetime,
+        completion: dict[str, Any],
+        events: Sequence[Envelope],
+    ) -> None:
+        event_ids, _, subjects, payloads = _own_outbox_rows(checkout.organization_id, events)
+        lines = entry.lines if entry is not None else ()
+        done = await session.conn.fetchval(
+            "SELECT checkout_finish($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
+            "$14, $15, $16, $17, $18, $19, $20, $21)",
+            checkout.organization_id, checkout.checkout_id, str(checkout.status), charge_id,
+            completion, checkout.event_id, issued_at,
+            [code for code, _ in tickets], [i.ticket_type_id for _, i in tickets],
+            [i.ticket_type for _, i in tickets],
+            entry.entry_id if entry is not None else None,
+            entry.description if entry is not None else None, posted_at,
+            [str(l.account) for l in lines], [str(l.side) for l in lines],
+            [l.amount.amount for l in lines], [l.amount.currency for l in lines],
+            event_ids, subjects, payloads,
+            _saga_lock_key(checkout.checkout_id) if session.locked else None,
+        )  # fmt: skip
+        if not done:
+            raise LostRace(f"checkout {checkout.checkout_id} is no longer {checkout.status}")
+        session.locked = False  # let go of by the statement
 
     async def load_checkout(self, conn: asyncpg.Connection, checkout_id: UUID) -> CheckoutRecord | None:
         """A checkout of the current tenant with its holds, or None."""
         row = await conn.fetchrow(_CHECKOUT_SELECT + " WHERE c.id = $1", checkout_id)
         return None if row is None else _checkout(row)
-
-    async def claim_for_completion(
-        self,
-        conn: asyncpg.Connection,
-        checkout_id: UUID,
-        completion_key: str,
-        actor: Actor,
-        correlation_id: str,
-        causation_id: str | None,
-    ) -> bool:
-        """pending -> charging, recording the Idempotency-Key and who completes it, if the
-        checkout is still pending and its holds have not lapsed (database clock)."""
-        ensure_transition(CheckoutStatus.PENDING, CheckoutStatus.CHARGING)
-        done = await conn.fetchval(
-            "UPDATE checkouts SET status = 'charging', completion_key = $2, actor = $3, "
-            "correlation_id = $4, causation_id = $5, updated_at = now() "
-            "WHERE id = $1 AND status = 'pending' AND completion_key IS NULL "
-            "AND expires_at > now() RETURNING 1",
-            checkout_id, completion_key, actor.model_dump(mode="json"), correlation_id,
-            causation_id,
-        )  # fmt: skip
-        return done is not None
 
     async def claim_for_refund(
         self, conn: asyncpg.Connection, checkout_id: UUID, actor: Actor, correlation_id: str,
@@ -692,6 +973,63 @@ class PaymentsStore:
                 checkout_id,
             )
         )
+
+
+_CREATE_BATCH = 64
+
+
+@dataclass(slots=True)
+class _NewCheckout:
+    """A checkout waiting to be created with the tenant's others."""
+
+    checkout_id: UUID
+    event_id: UUID
+    customer_email: str
+    total: Money
+    expires_at: datetime
+    items: tuple[HeldItem, ...]
+    create_key: str | None
+    outbox: tuple[list[Any], list[Any], list[str], list[bytes]]
+    result: asyncio.Future[Any]
+
+
+_FINISH_BATCH = 64
+
+
+@dataclass(slots=True)
+class _Finish:
+    """A saga waiting to be finished with the tenant's others."""
+
+    session: SagaSession
+    checkout: CheckoutRecord
+    charge_id: str | None
+    entry: JournalEntry | None
+    posted_at: datetime
+    tickets: Sequence[tuple[str, HeldItem]]
+    issued_at: datetime
+    completion: dict[str, Any]
+    events: tuple[Envelope, ...]
+    result: asyncio.Future[Any]
+
+
+def _settle(result: asyncio.Future[Any], outcome: Any) -> None:
+    if result.done():
+        return
+    if isinstance(outcome, asyncio.CancelledError):  # (shutting down) not the waiter's own
+        result.set_exception(Unavailable("interrupted; retry"))
+    elif isinstance(outcome, BaseException):
+        result.set_exception(outcome)
+    else:
+        result.set_result(outcome)
+
+
+def _own_outbox_rows(org_id: UUID, events: Sequence[Envelope]) -> tuple[list[Any], list[Any], list[str], list[bytes]]:
+    """``outbox_rows`` of events that all belong to ``org_id`` (the functions insert them as
+    that tenant's)."""
+    rows = outbox_rows(SERVICE_SCHEMA, events)
+    if any(org != org_id for org in rows[1]):
+        raise ValueError("an event of another tenant")
+    return rows
 
 
 # An entry and its lines as CTE clauses, parameters $1..$12 (``_entry_args``); a caller's own

@@ -152,22 +152,13 @@ class FakeProcessor:
         if amount.amount <= 0:
             raise ValueError("a charge takes a positive amount")
         try:
-            async with self._pool.acquire() as conn, tenant_transaction_on(conn, merchant):
-                row = await conn.fetchrow(
-                    "INSERT INTO fake_processor_charges "
-                    "(organization_id, id, idempotency_key, amount, currency, token) "
-                    "VALUES ($1, $2, $3, $4, $5, $6) "
-                    "ON CONFLICT (organization_id, idempotency_key) DO NOTHING "
-                    "RETURNING id, amount, currency",
-                    merchant, f"ch_{secrets.token_hex(12)}", idempotency_key,
-                    amount.amount, amount.currency, token,
-                )  # fmt: skip
-                if row is None:  # a repeat: the first charge stands
-                    row = await conn.fetchrow(
-                        "SELECT id, amount, currency FROM fake_processor_charges "
-                        "WHERE idempotency_key = $1",
-                        idempotency_key,
-                    )
+            # one statement, its own tenant transaction (migrations/0002): insert the charge,
+            # or return the first one made with this key
+            row = await self._pool.fetchrow(
+                "SELECT * FROM fake_processor_charge($1, $2, $3, $4, $5, $6)",
+                merchant, f"ch_{secrets.token_hex(12)}", idempotency_key,
+                amount.amount, amount.currency, token,
+            )  # fmt: skip
         except CONNECTION_ERRORS as exc:
             raise ProcessorUnavailable(str(exc)) from exc
         if token == TOKEN_TIMEOUT:

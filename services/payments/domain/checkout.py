@@ -3,10 +3,15 @@ next, hold expiry and pricing.
 
 Happy path::
 
-    pending -> charging -> charged -> posted -> completed -> (refunding -> refunded)
+    pending -> charging -> completed -> (refunding -> refunded)
+    (step by step: pending -> charging -> charged -> posted -> completed)
 
 ``charging`` is written *before* the processor is called (so a crash leaves a trace to
-reconcile by idempotency key), ``charged`` right after. Anything that goes wrong once money may
+reconcile by idempotency key). After the charge, recording it, booking the sale, issuing the
+tickets and queueing the events are one transaction (``charging -> completed``): a crash
+before it commits leaves ``charging``, settled by looking the charge up by its key.
+``charged`` and ``posted`` are the same work in separate steps; sagas found in them are
+resumed from there. Anything that goes wrong once money may
 have been taken goes through ``compensating`` (refund the charge, reverse any posted entry,
 release the holds) to ``failed``; no path leads to tickets without money or money without
 tickets or a refund. Tickets, their events and ``completed`` commit in one transaction (the
@@ -81,7 +86,9 @@ class IllegalTransition(ValueError):
 S = CheckoutStatus
 TRANSITIONS: dict[CheckoutStatus, frozenset[CheckoutStatus]] = {
     S.PENDING: frozenset({S.CHARGING, S.EXPIRED}),
-    S.CHARGING: frozenset({S.CHARGED, S.COMPENSATING, S.FAILED}),
+    # charging -> completed is the one transaction that records the charge, books the sale
+    # and issues the tickets together (neither without the others)
+    S.CHARGING: frozenset({S.CHARGED, S.COMPLETED, S.COMPENSATING, S.FAILED}),
     S.CHARGED: frozenset({S.POSTED, S.COMPENSATING}),
     S.POSTED: frozenset({S.COMPLETED, S.COMPENSATING}),
     S.COMPENSATING: frozenset({S.FAILED}),
