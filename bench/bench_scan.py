@@ -59,6 +59,30 @@ def report(name: str, latencies: list[float], elapsed: float, accepted: int, rej
     )
 
 
+async def wait_healthy(urls: list[str], timeout: float = 30.0) -> None:
+    """Wait until every ``/healthz`` URL answers 200."""
+    async with httpx.AsyncClient() as http:
+        for url in urls:
+            for _ in range(int(timeout / 0.1)):
+                try:
+                    if (await http.get(url)).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.1)
+
+
+async def double_admissions(dsn: str, org: uuid.UUID) -> int:
+    """Tickets of ``org`` admitted (entry accepted) more than once, per the database."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM (SELECT ticket_code FROM scanning.scans WHERE organization_id = $1 "
+            "AND result = 'accepted' AND direction = 'entry' GROUP BY ticket_code HAVING count(*) > 1) x", org)
+    finally:
+        await conn.close()
+
+
 async def seed(js, org: uuid.UUID, event_id: uuid.UUID, tickets: int, dsn: str) -> list[str]:
     now = datetime.now(UTC)
     system = Actor.system("bench", org)
@@ -109,15 +133,7 @@ async def main() -> None:
                 for p in ports]
     service = services[0]
     try:
-        async with httpx.AsyncClient() as http:
-            for port in ports:
-                for _ in range(300):
-                    try:
-                        if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    await asyncio.sleep(0.1)
+        await wait_healthy([f"http://127.0.0.1:{port}/healthz" for port in ports])
         nc = await nats.connect(urls["nats_url"])
         js = nc.jetstream()
         await ensure_streams(js)
@@ -191,14 +207,7 @@ async def main() -> None:
         print(f"offline batch: {len(scans):,} scans applied in {elapsed:.2f}s "
               f"({len(scans) / elapsed:,.0f} scans/s), accepted {ok}", flush=True)
 
-        conn = await asyncpg.connect(urls["database_url"])
-        try:
-            doubles = await conn.fetchval(
-                "SELECT count(*) FROM (SELECT ticket_code FROM scanning.scans WHERE organization_id = $1 "
-                "AND result = 'accepted' AND direction = 'entry' GROUP BY ticket_code HAVING count(*) > 1) x", org)
-        finally:
-            await conn.close()
-        print(f"double admissions: {doubles}", flush=True)
+        print(f"double admissions: {await double_admissions(urls['database_url'], org)}", flush=True)
         await nc.close()
     finally:
         for proc in services:

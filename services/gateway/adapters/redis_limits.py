@@ -23,6 +23,7 @@ class RateLimiter:
     def __init__(self, redis: RedisStore | None, per_second: int) -> None:
         self._redis = redis
         self._per_second = per_second
+        self._quiet_until = 0.0
 
     async def check(self, credential_id: str) -> None:
         """Count one request; ``RateLimited`` past the limit of this second."""
@@ -32,7 +33,10 @@ class RateLimiter:
         try:
             count = await self._redis.hit(f"voelgoed:ratelimit:{credential_id}:{window}", 2)
         except RedisUnavailable:
-            log.warning("rate_limit_unchecked", credential=credential_id)
+            now = time.monotonic()
+            if now >= self._quiet_until:  # once per interval, not once per request
+                self._quiet_until = now + 10.0
+                log.warning("rate_limit_unchecked", credential=credential_id)
             return
         if count > self._per_second:
             raise RateLimited(f"more than {self._per_second} requests per second",
