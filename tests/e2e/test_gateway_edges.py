@@ -4,6 +4,7 @@ and Idempotency-Key replays of the gateway's own mutations."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import httpx
@@ -24,11 +25,12 @@ async def strict_gateway(start_service, tenant):
 
 
 async def test_rate_limit_per_credential_is_429_with_retry_after(strict_gateway, tenant):
-    responses = await asyncio.gather(*(strict_gateway.get("/v1/ledger/balances") for _ in range(12)))
+    started = time.time()
+    responses = await asyncio.gather(*(strict_gateway.get("/v1/ledger/balances") for _ in range(30)))
+    windows = int(time.time()) - int(started) + 1  # one-second windows the burst touched
     codes = [r.status_code for r in responses]
     assert codes.count(429) >= 1 and codes.count(200) >= 1, codes
-    # one window of one second allows at most 5 (a burst may straddle two windows)
-    assert codes.count(200) <= 10
+    assert codes.count(200) <= 5 * windows, (codes, windows)  # at most 5 in each window
     limited = next(r for r in responses if r.status_code == 429)
     assert limited.json()["code"] == "rate_limited" and limited.headers["retry-after"] == "1"
     # another credential of the same tenant has its own budget
