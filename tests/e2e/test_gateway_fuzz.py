@@ -45,13 +45,13 @@ import pytest
 if TYPE_CHECKING:
     from tests.e2e.conftest import Platform, Tenant
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(900)
 
 ST = str(Path(sys.executable).parent / "st")
 STREAM = "^/v1/events/[^/]+/occupancy/stream$"
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "8"))  # per operation (and phase)
 SEED = os.environ.get("FUZZ_SEED")  # unset: deterministic generation
-BUDGET = float(os.environ.get("FUZZ_BUDGET_SECONDS", "60"))  # per pass, then it fails
+BUDGET = float(os.environ.get("FUZZ_BUDGET_SECONDS", "240"))  # per pass: a hang guard, not a speed check
 
 
 async def _fuzz(platform: Platform, workdir: Path, *args: str,
