@@ -147,16 +147,7 @@ async def test_killed_mid_saga_then_restarted_completes_and_the_money_reconciles
         assert sorted(t["ticket_code"] for t in retried["tickets"]) == sorted(
             t["ticket_code"] for t in view["tickets"])
 
-        charged, refunded, charges = await db.fetchrow(
-            "SELECT coalesce(sum(c.amount), 0), coalesce(sum(r.amount), 0), count(c.id) "
-            "FROM fake_processor_charges c LEFT JOIN fake_processor_refunds r "
-            "ON r.organization_id = c.organization_id AND r.charge_id = c.id "
-            "WHERE c.organization_id = $1", org)
-        balances = {a["account"]: a for a in (await call("ledger_balances", {}))["accounts"]}
-        assert charges == 1
-        assert charged - refunded == balances["processor_receivable"]["balance"] == 2 * PRICE
-        assert sum(a["balance"] for a in balances.values()) == 0
-        assert await db.fetchval("SELECT count(*) FROM journal_entries WHERE organization_id = $1", org) == 1
+        await _charged_once_and_booked_once(db, call, org)
         assert await db.fetchval("SELECT reserved FROM ticket_types WHERE event_id = $1",
                                  uuid.UUID(event["event_id"])) == 2
         assert await db.fetchval("SELECT count(*) FROM holds WHERE checkout_id = $1 "
@@ -225,16 +216,7 @@ async def test_killed_after_the_charge_before_anything_was_recorded_the_restart_
         assert sorted(t["ticket_code"] for t in retried["tickets"]) == sorted(
             t["ticket_code"] for t in view["tickets"])
 
-        charged, refunded, charges = await db.fetchrow(
-            "SELECT coalesce(sum(c.amount), 0), coalesce(sum(r.amount), 0), count(c.id) "
-            "FROM fake_processor_charges c LEFT JOIN fake_processor_refunds r "
-            "ON r.organization_id = c.organization_id AND r.charge_id = c.id "
-            "WHERE c.organization_id = $1", org)
-        balances = {a["account"]: a for a in (await call("ledger_balances", {}))["accounts"]}
-        assert charges == 1
-        assert charged - refunded == balances["processor_receivable"]["balance"] == 2 * PRICE
-        assert sum(a["balance"] for a in balances.values()) == 0
-        assert await db.fetchval("SELECT count(*) FROM journal_entries WHERE organization_id = $1", org) == 1
+        await _charged_once_and_booked_once(db, call, org)
         assert await db.fetchval("SELECT charge_id FROM checkouts WHERE id = $1", checkout_id) is not None
         assert await db.fetchval("SELECT reserved FROM ticket_types WHERE event_id = $1",
                                  uuid.UUID(event["event_id"])) == 2
@@ -247,3 +229,18 @@ async def test_killed_after_the_charge_before_anything_was_recorded_the_restart_
         first.stop()
         if second is not None:
             second.stop()
+
+
+async def _charged_once_and_booked_once(db, call, org) -> None:
+    """One charge, in the ledger once: charges minus refunds equal the receivable, the trial
+    balance is zero and there is exactly one journal entry."""
+    charged, refunded, charges = await db.fetchrow(
+        "SELECT coalesce(sum(c.amount), 0), coalesce(sum(r.amount), 0), count(c.id) "
+        "FROM fake_processor_charges c LEFT JOIN fake_processor_refunds r "
+        "ON r.organization_id = c.organization_id AND r.charge_id = c.id "
+        "WHERE c.organization_id = $1", org)
+    balances = {a["account"]: a for a in (await call("ledger_balances", {}))["accounts"]}
+    assert charges == 1
+    assert charged - refunded == balances["processor_receivable"]["balance"] == 2 * PRICE
+    assert sum(a["balance"] for a in balances.values()) == 0
+    assert await db.fetchval("SELECT count(*) FROM journal_entries WHERE organization_id = $1", org) == 1
