@@ -945,7 +945,7 @@ class ContainerServers:
             if "database_url" in keys:
                 from testcontainers.community.postgres import PostgresContainer
 
-                pg = PostgresContainer("postgres:16", username="postgres", dbname="postgres",
+                pg = PostgresContainer("postgres:18", username="postgres", dbname="postgres",
                                        driver=None)  # fmt: skip
                 pg.with_command("-c max_connections=300")
                 self._containers.append(pg.start())
