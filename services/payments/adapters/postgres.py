@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
 from uuid import UUID
 
 import asyncpg
@@ -323,11 +323,14 @@ class PaymentsStore:
         # re-checks price, currency, code and event under the row lock anyway.
         self._catalog: OrderedDict[tuple[UUID, UUID], dict[str, HeldItem]] = OrderedDict()
         # checkouts waiting to be created, per tenant, and the task creating them
-        self._creating: dict[UUID, list[_NewCheckout]] = {}
-        self._create_runners: dict[UUID, asyncio.Task[None]] = {}
+        self._creates: _TenantBatches[_NewCheckout] = _TenantBatches(
+            "create", self._create_many, self._create_one, lambda _, outcome: outcome,
+            limit=_CREATE_BATCH, interrupted="checkout not created; retry")
         # sagas waiting to be finished, per tenant, and the task finishing them
-        self._finishing: dict[UUID, list[_Finish]] = {}
-        self._finish_runners: dict[UUID, asyncio.Task[None]] = {}
+        # (interrupted: the outcome is unknown, the resumer settles it)
+        self._finishes: _TenantBatches[_Finish] = _TenantBatches(
+            "finish", self._finish_many, self._finish_alone, self._finished,
+            limit=_FINISH_BATCH, interrupted="completion outcome unknown; retry")
 
     def attach(self, pool: asyncpg.Pool) -> None:
         """Use ``pool`` (the runtime's, which exists only once the service has started)."""
@@ -510,39 +513,8 @@ class PaymentsStore:
         new = _NewCheckout(checkout_id, event_id, customer_email, total, expires_at, tuple(items),
                            create_key, _own_outbox_rows(org_id, events),
                            asyncio.get_running_loop().create_future())  # fmt: skip
-        self._creating.setdefault(org_id, []).append(new)
-        if org_id not in self._create_runners:
-            self._create_runners[org_id] = asyncio.create_task(self._create_batches(org_id))
+        self._creates.submit(org_id, new)
         return await asyncio.shield(new.result)
-
-    async def _create_batches(self, org_id: UUID) -> None:
-        """Create the tenant's queued checkouts, a batch at a time, until none is left."""
-        batch: list[_NewCheckout] = []
-        try:
-            while batch := self._creating.pop(org_id, []):
-                if len(batch) > _CREATE_BATCH:
-                    self._creating[org_id] = batch[_CREATE_BATCH:] + self._creating.get(org_id, [])
-                    batch = batch[:_CREATE_BATCH]
-                if len(batch) > 1:
-                    try:
-                        outcomes = await self._create_many(org_id, batch)
-                    except Exception as exc:  # noqa: BLE001 - one by one: each its own answer
-                        log.warning("create_batch_failed", checkouts=len(batch), error=repr(exc))
-                        outcomes = None
-                    if outcomes is not None:
-                        for new, outcome in zip(batch, outcomes):
-                            _settle(new.result, outcome)
-                        continue
-                results = await asyncio.gather(
-                    *(self._create_one(org_id, new) for new in batch), return_exceptions=True
-                )
-                for new, outcome in zip(batch, results):
-                    _settle(new.result, outcome)
-        finally:
-            self._create_runners.pop(org_id, None)
-            # (only if this task was cancelled: nobody is left waiting forever)
-            for new in batch + self._creating.pop(org_id, []):
-                _settle(new.result, Unavailable("checkout not created; retry"))
 
     async def _create_many(self, org_id: UUID, batch: Sequence[_NewCheckout]) -> list[Any]:
         item_of: list[int] = []
@@ -626,9 +598,7 @@ class PaymentsStore:
         org = checkout.organization_id
         fin = _Finish(session, checkout, charge_id, entry, posted_at, tickets, issued_at,
                       completion, tuple(events), asyncio.get_running_loop().create_future())  # fmt: skip
-        self._finishing.setdefault(org, []).append(fin)
-        if org not in self._finish_runners:
-            self._finish_runners[org] = asyncio.create_task(self._finish_batches(org))
+        self._finishes.submit(org, fin)
         try:
             await asyncio.shield(fin.result)
         except asyncio.CancelledError:
@@ -637,37 +607,14 @@ class PaymentsStore:
             await asyncio.wait([fin.result])
             raise
 
-    async def _finish_batches(self, org_id: UUID) -> None:
-        """Finish the tenant's queued sagas, a batch at a time, until none is left: several
-        in one statement, one alone (or each of a batch that failed) on its own."""
-        batch: list[_Finish] = []
-        try:
-            while batch := self._finishing.pop(org_id, []):
-                if len(batch) > _FINISH_BATCH:
-                    self._finishing[org_id] = batch[_FINISH_BATCH:] + self._finishing.get(org_id, [])
-                    batch = batch[:_FINISH_BATCH]
-                if len(batch) > 1:
-                    try:
-                        moved = await self._finish_many(org_id, batch)
-                    except Exception as exc:  # noqa: BLE001 - saga by saga: each its own answer
-                        log.warning("finish_batch_failed", sagas=len(batch), error=repr(exc))
-                        moved = None
-                    if moved is not None:
-                        for fin, done in zip(batch, moved):
-                            _settle(fin.result, True if done else LostRace(
-                                f"checkout {fin.checkout.checkout_id} is no longer charging"))
-                        continue
-                results = await asyncio.gather(*(
-                    self._finish_one(f.session, f.checkout, f.charge_id, f.entry, f.posted_at,
-                                     f.tickets, f.issued_at, f.completion, f.events)
-                    for f in batch), return_exceptions=True)  # fmt: skip
-                for fin, outcome in zip(batch, results):
-                    _settle(fin.result, True if outcome is None else outcome)
-        finally:
-            self._finish_runners.pop(org_id, None)
-            # (only if this task was cancelled: the outcome is unknown, the resumer settles it)
-            for fin in batch + self._finishing.pop(org_id, []):
-                _settle(fin.result, Unavailable("completion outcome unknown; retry"))
+    async def _finish_alone(self, org_id: UUID, f: _Finish) -> bool:
+        await self._finish_one(f.session, f.checkout, f.charge_id, f.entry, f.posted_at,
+                               f.tickets, f.issued_at, f.completion, f.events)  # fmt: skip
+        return True
+
+    @staticmethod
+    def _finished(f: _Finish, moved: bool) -> Any:
+        return True if moved else LostRace(f"checkout {f.checkout.checkout_id} is no longer charging")
 
     async def _finish_many(self, org_id: UUID, batch: Sequence[_Finish]) -> list[bool]:
         ticket_of: list[int] = []
@@ -1010,6 +957,64 @@ class _Finish:
     completion: dict[str, Any]
     events: tuple[Envelope, ...]
     result: asyncio.Future[Any]
+
+
+class _Queued(Protocol):
+    result: asyncio.Future[Any]
+
+
+Q = TypeVar("Q", bound=_Queued)
+
+
+class _TenantBatches(Generic[Q]):
+    """Work of one tenant that arrives together goes together: while one statement is in
+    flight the next requests queue, then go as one batch (``many``); a request alone, or each
+    member of a batch that failed, goes on its own (``one``), so each gets its own answer."""
+
+    def __init__(self, what: str, many: Callable[[UUID, list[Q]], Awaitable[Sequence[Any]]],
+                 one: Callable[[UUID, Q], Awaitable[Any]], accept: Callable[[Q, Any], Any], *,
+                 limit: int, interrupted: str) -> None:  # fmt: skip
+        self._what = what
+        self._many = many
+        self._one = one
+        self._accept = accept  # a batch's outcome for one member -> its answer
+        self._limit = limit
+        self._interrupted = interrupted
+        self._queued: dict[UUID, list[Q]] = {}
+        self._runners: dict[UUID, asyncio.Task[None]] = {}
+
+    def submit(self, org_id: UUID, item: Q) -> None:
+        """Queue ``item``; its ``result`` future is settled when its batch is done."""
+        self._queued.setdefault(org_id, []).append(item)
+        if org_id not in self._runners:
+            self._runners[org_id] = asyncio.create_task(self._drain(org_id))
+
+    async def _drain(self, org_id: UUID) -> None:
+        batch: list[Q] = []
+        try:
+            while batch := self._queued.pop(org_id, []):
+                if len(batch) > self._limit:
+                    self._queued[org_id] = batch[self._limit:] + self._queued.get(org_id, [])
+                    batch = batch[: self._limit]
+                if len(batch) > 1:
+                    try:
+                        outcomes = await self._many(org_id, batch)
+                    except Exception as exc:  # noqa: BLE001 - one by one: each its own answer
+                        log.warning(f"{self._what}_batch_failed", size=len(batch), error=repr(exc))
+                        outcomes = None
+                    if outcomes is not None:
+                        for item, outcome in zip(batch, outcomes):
+                            _settle(item.result, self._accept(item, outcome))
+                        continue
+                results = await asyncio.gather(*(self._one(org_id, item) for item in batch),
+                                               return_exceptions=True)  # fmt: skip
+                for item, outcome in zip(batch, results):
+                    _settle(item.result, outcome)
+        finally:
+            self._runners.pop(org_id, None)
+            # (only if this task was cancelled: nobody is left waiting forever)
+            for item in batch + self._queued.pop(org_id, []):
+                _settle(item.result, Unavailable(self._interrupted))
 
 
 def _settle(result: asyncio.Future[Any], outcome: Any) -> None:
