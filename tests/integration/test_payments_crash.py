@@ -104,27 +104,14 @@ async def db(admin_dsn):
 async def test_killed_mid_saga_then_restarted_completes_and_the_money_reconciles(
         server_urls, context_keys, commands, db, tmp_path, crash_after, status_at_crash):
     org = uuid.uuid4()
-    owner = Actor(user_id="owner", organization_id=org, role=Role.OWNER, type=ActorType.USER)
-
-    async def call(name, body, timeout=10.0):
-        return await commands.request(f"vge.cmd.payments.{name}", body, actor=owner, org_id=org,
-                                      correlation_id=f"crash-{uuid.uuid4().hex[:6]}", timeout=timeout)
+    call = _owner_commands(commands, org)
 
     first = PaymentsProcess(server_urls, context_keys[1], tmp_path / "payments.log",
                             VGE_PAYMENTS_CRASH_AFTER=crash_after)
     second = None
     try:
         await first.healthy()
-        start = datetime.now(UTC) + timedelta(days=3)
-        event = await call("create_event", {
-            "name": "crash", "starts_at": start.isoformat(),
-            "ends_at": (start + timedelta(hours=2)).isoformat(), "capacity": 10,
-            "ticket_types": [{"code": "GA", "name": "GA", "price": PRICE, "quantity": 10}]})
-        checkout = await call("create_checkout", {
-            "event_id": event["event_id"], "customer_email": "c@example.com",
-            "items": [{"ticket_type": "GA", "quantity": 2}]})
-        complete = {"checkout_id": checkout["checkout_id"], "payment_token": "tok_ok",
-                    "idempotency_key": "crash-key"}
+        event, checkout, complete = await _sale_to_complete(call, "crash-key")
         with pytest.raises(Unavailable):  # the process dies before it can answer
             await call("complete_checkout", complete, timeout=3)
         assert await first.exited() == -signal.SIGKILL
@@ -172,11 +159,7 @@ async def test_killed_after_the_charge_before_anything_was_recorded_the_restart_
     from libs.db import service_dsn
 
     org = uuid.uuid4()
-    owner = Actor(user_id="owner", organization_id=org, role=Role.OWNER, type=ActorType.USER)
-
-    async def call(name, body, timeout=10.0):
-        return await commands.request(f"vge.cmd.payments.{name}", body, actor=owner, org_id=org,
-                                      correlation_id=f"crash-{uuid.uuid4().hex[:6]}", timeout=timeout)
+    call = _owner_commands(commands, org)
 
     first = PaymentsProcess(server_urls, context_keys[1], tmp_path / "payments.log",
                             VGE_PAYMENTS_CRASH_AFTER="charging")
@@ -184,16 +167,7 @@ async def test_killed_after_the_charge_before_anything_was_recorded_the_restart_
     fake = FakeProcessor()
     try:
         await first.healthy()
-        start = datetime.now(UTC) + timedelta(days=3)
-        event = await call("create_event", {
-            "name": "crash", "starts_at": start.isoformat(),
-            "ends_at": (start + timedelta(hours=2)).isoformat(), "capacity": 10,
-            "ticket_types": [{"code": "GA", "name": "GA", "price": PRICE, "quantity": 10}]})
-        checkout = await call("create_checkout", {
-            "event_id": event["event_id"], "customer_email": "c@example.com",
-            "items": [{"ticket_type": "GA", "quantity": 2}]})
-        complete = {"checkout_id": checkout["checkout_id"], "payment_token": "tok_ok",
-                    "idempotency_key": "crash-key-taken"}
+        event, checkout, complete = await _sale_to_complete(call, "crash-key-taken")
         with pytest.raises(Unavailable):
             await call("complete_checkout", complete, timeout=3)
         assert await first.exited() == -signal.SIGKILL
@@ -244,3 +218,29 @@ async def _charged_once_and_booked_once(db, call, org) -> None:
     assert charged - refunded == balances["processor_receivable"]["balance"] == 2 * PRICE
     assert sum(a["balance"] for a in balances.values()) == 0
     assert await db.fetchval("SELECT count(*) FROM journal_entries WHERE organization_id = $1", org) == 1
+
+
+def _owner_commands(commands, org):
+    """``call(name, body)``: a payments command as the tenant's owner."""
+    owner = Actor(user_id="owner", organization_id=org, role=Role.OWNER, type=ActorType.USER)
+
+    async def call(name, body, timeout=10.0):
+        return await commands.request(f"vge.cmd.payments.{name}", body, actor=owner, org_id=org,
+                                      correlation_id=f"crash-{uuid.uuid4().hex[:6]}", timeout=timeout)
+
+    return call
+
+
+async def _sale_to_complete(call, key):
+    """An event with 10 tickets and a pending checkout of 2; the completion command to send."""
+    start = datetime.now(UTC) + timedelta(days=3)
+    event = await call("create_event", {
+        "name": "crash", "starts_at": start.isoformat(),
+        "ends_at": (start + timedelta(hours=2)).isoformat(), "capacity": 10,
+        "ticket_types": [{"code": "GA", "name": "GA", "price": PRICE, "quantity": 10}]})
+    checkout = await call("create_checkout", {
+        "event_id": event["event_id"], "customer_email": "c@example.com",
+        "items": [{"ticket_type": "GA", "quantity": 2}]})
+    complete = {"checkout_id": checkout["checkout_id"], "payment_token": "tok_ok",
+                "idempotency_key": key}
+    return event, checkout, complete
