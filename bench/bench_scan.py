@@ -72,6 +72,25 @@ async def wait_healthy(urls: list[str], timeout: float = 30.0) -> None:
                 await asyncio.sleep(0.1)
 
 
+async def service_figures(port: int) -> str:
+    """Means of the service's own histograms (batch size, batch time, command time)."""
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("vge_") and ("_sum" in line or "_count" in line) and "sync" not in line:
+            name, _, value = line.rpartition(" ")
+            key = name.split("{")[0]
+            sums[key] = sums.get(key, 0.0) + float(value)
+
+    def mean(metric: str) -> float:
+        return sums.get(f"{metric}_sum", 0.0) / max(sums.get(f"{metric}_count", 0.0), 1.0)
+
+    return (f"service: mean batch {mean('vge_scan_batch_size'):.1f} scans, "
+            f"{mean('vge_scan_batch_seconds') * 1000:.1f} ms per batch, "
+            f"{mean('vge_command_seconds') * 1000:.1f} ms per command")
+
+
 async def double_admissions(dsn: str, org: uuid.UUID) -> int:
     """Tickets of ``org`` admitted (entry accepted) more than once, per the database."""
     conn = await asyncpg.connect(dsn)
@@ -177,6 +196,7 @@ async def main() -> None:
         t0 = time.perf_counter()
         await asyncio.gather(*(device_loop(d) for d in devices))
         report(f"flat out, {args.devices} devices", lat, time.perf_counter() - t0, **tally)
+        print(await service_figures(ports[0]), flush=True)
 
         # phase 2: fixed rate, open loop
         lat2: list[float] = []

@@ -9,7 +9,6 @@ connection.
 
 from __future__ import annotations
 
-import json
 import re
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
@@ -17,6 +16,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from uuid import UUID
 
 import asyncpg
+import orjson
 
 from libs.actor import Actor
 from libs.errors import Forbidden, Unavailable
@@ -72,9 +72,14 @@ def service_dsn(admin_dsn: str, schema: str, password: str) -> str:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # JSON in and out as Python objects, everywhere, the same way.
+    # JSON in and out as Python objects, everywhere, the same way (orjson: several times faster
+    # than the standard library on the scan batches)
     for typ in ("json", "jsonb"):
-        await conn.set_type_codec(typ, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+        await conn.set_type_codec(typ, encoder=_json_text, decoder=orjson.loads, schema="pg_catalog")
+
+
+def _json_text(value: object) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 async def create_pool(

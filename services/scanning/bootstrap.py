@@ -53,7 +53,7 @@ def build(settings: Settings) -> ServiceRuntime:
         )
 
     async def unwire() -> None:
-        await access().batcher.drain()
+        await access().drain()
         await cancel_and_wait(runtime.components["occupancy_ticker"])
 
     runtime.publishes(ScanAccepted, ScanRejected, OccupancyChanged)

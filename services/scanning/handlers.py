@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import datetime
 from typing import Any
@@ -51,6 +52,7 @@ class AccessControl:
         self.claims = claims
         self.cache = cache or AdmissionCache()
         self.batcher = DecisionBatcher(self._decide_batch)
+        self._claiming: set[asyncio.Task[None]] = set()
 
     async def scan(self, ctx: CommandContext, cmd: ScanTicket) -> ScanDecision:
         """Decide one online scan: tier 1 (this process), tier 2 (Redis), then the authority."""
@@ -84,7 +86,7 @@ class AccessControl:
             items.append(item)
         decisions = await self.store.decide(org, utcnow(), items)
         by_index = {d["i"]: d for d in decisions}
-        await self._remember([(org, item, by_index[item["i"]]) for item in items])
+        self._remember([(org, item, by_index[item["i"]]) for item in items])
         return OfflineScansSynced(results=[
             OfflineScanDecision(
                 nonce=s.nonce, result=by_index[i]["result"], reason=by_index[i]["reason"],
@@ -141,7 +143,7 @@ class AccessControl:
                 self._mark_if_duplicate(it, admission)
         decisions = await self.store.decide(org, now, items)
         by_index = {d["i"]: d for d in decisions}
-        await self._remember([(org, it, by_index[it["i"]]) for it in items])
+        self._remember([(org, it, by_index[it["i"]]) for it in items])
         return decisions
 
     @staticmethod
@@ -167,10 +169,14 @@ class AccessControl:
             "actor": ctx.actor.model_dump(mode="json"), "corr": ctx.correlation_id,
         }
 
-    async def _remember(self, decided: list[tuple[UUID, dict[str, Any], dict[str, Any]]]) -> None:
+    def _remember(self, decided: list[tuple[UUID, dict[str, Any], dict[str, Any]]]) -> None:
         """Feed tiers 1 and 2 with the admissions the authority just made, for events without
         re-entry, where an admission is final. Only from accepted scans: their device and nonce
-        are known, so the admitting device's own retry still gets its "accepted" back."""
+        are known, so the admitting device's own retry still gets its "accepted" back.
+
+        Tier 2 is written in the background, after the replies: it only saves later scans a
+        trip to the authority, so the scans decided now need not wait for it (a claim that
+        never lands costs a lookup, never a wrong decision)."""
         fresh: list[tuple[UUID, str, Admission]] = []
         moved: list[tuple[UUID, str, Admission]] = []
         for org, item, d in decided:
@@ -188,4 +194,13 @@ class AccessControl:
             )
             self.cache.put(org, item["code"], admission, replace=d["swap"])
             (moved if d["swap"] else fresh).append((org, item["code"], admission))
-        await self.claims.claim(fresh, moved)
+        if fresh or moved:
+            task = asyncio.create_task(self.claims.claim(fresh, moved))
+            self._claiming.add(task)
+            task.add_done_callback(self._claiming.discard)
+
+    async def drain(self) -> None:
+        """Finish the batches and tier-2 writes under way (shutdown)."""
+        await self.batcher.drain()
+        if self._claiming:
+            await asyncio.wait(set(self._claiming), timeout=5.0)

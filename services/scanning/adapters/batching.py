@@ -21,6 +21,11 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 
+BATCH_SECONDS = Histogram(
+    "vge_scan_batch_seconds", "Time to decide one batch of scans (tiers 2 and 3)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+
 Decide = Callable[[UUID, datetime, list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]]
 
 
@@ -55,7 +60,8 @@ class DecisionBatcher:
                     scans.append({**scan, "i": i})
                 BATCH_SIZE.observe(len(batch))
                 try:
-                    decisions = await self._decide(org_id, utcnow(), scans)
+                    with BATCH_SECONDS.time():
+                        decisions = await self._decide(org_id, utcnow(), scans)
                 except Exception as exc:  # noqa: BLE001 - every waiter gets the error
                     for _, fut in batch:
                         if not fut.done():

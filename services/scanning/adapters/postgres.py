@@ -32,8 +32,10 @@ class ScanningStore:
         for attempt in range(3):
             try:
                 async with self._pool.acquire(timeout=2.0) as conn:
-                    rows = await conn.fetch("SELECT d FROM decide_scans($1, $2, $3) d", org_id, now, scans)
-                    return [r["d"] for r in rows]
+                    # one JSON array, not a row per scan: one decode for the whole batch
+                    return await conn.fetchval(
+                        "SELECT coalesce(jsonb_agg(d), '[]') FROM decide_scans($1, $2, $3) d", org_id, now, scans
+                    )
             except _RETRYABLE:
                 # cannot happen between our own batches (tickets are locked in code order), but a
                 # retry is the right answer to any serialization failure
