@@ -1,0 +1,41 @@
+"""RedisStore's bulk writes against a real Redis: first claim wins, overwrite replaces, expiry set."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from libs.redis_store import RedisStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def store(redis_url):
+    s = RedisStore(redis_url, timeout=2.0)
+    yield s
+    await s.close()
+
+
+async def test_claim_only_keeps_the_first_value_of_each_key(store):
+    prefix = f"test:{uuid.uuid4().hex}"
+    # more keys than one script call takes, so the chunks are exercised too
+    first = [(f"{prefix}:{n}", f"first-{n}") for n in range(2500)]
+    await store.claim_only(first[::2], 60)
+    await store.claim_only(first, 60)
+    await store.claim_only([(k, "second") for k, _ in first], 60)
+    values = await store.get_many([k for k, _ in first])
+    assert values == [v for _, v in first]
+    ttl = await store._client.ttl(first[0][0])
+    assert 0 < ttl <= 60
+
+
+async def test_set_many_overwrites_and_sets_the_expiry(store):
+    prefix = f"test:{uuid.uuid4().hex}"
+    keys = [f"{prefix}:{n}" for n in range(1200)]
+    await store.claim_only([(k, "old") for k in keys], 60)
+    await store.set_many([(k, f"new-{n}") for n, k in enumerate(keys)], 30)
+    assert await store.get_many(keys) == [f"new-{n}" for n in range(len(keys))]
+    assert 0 < await store._client.ttl(keys[-1]) <= 30
+
