@@ -35,7 +35,7 @@ for i = 1, #KEYS do
   else redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ARGV[2]) end
 end
 return #KEYS"""
-_SET_CHUNK = 1000  # keys per script call: Redis runs a script alone, so keep each one short
+_SET_CHUNK = 500  # keys per script call: Redis runs a script alone, so keep each one short
 
 
 class RedisUnavailable(Unavailable):

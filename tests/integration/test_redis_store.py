@@ -20,7 +20,7 @@ async def store(redis_url):
 
 async def test_claim_only_keeps_the_first_value_of_each_key(store):
     prefix = f"test:{uuid.uuid4().hex}"
-    # more keys than one script call takes, so the chunks are exercised too
+    # more keys than one script call takes (500), so the chunks are exercised too
     first = [(f"{prefix}:{n}", f"first-{n}") for n in range(2500)]
     await store.claim_only(first[::2], 60)
     await store.claim_only(first, 60)

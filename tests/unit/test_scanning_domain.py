@@ -130,3 +130,28 @@ async def test_batcher_hands_a_failure_to_every_waiter_and_goes_on():
     assert all(isinstance(o, RuntimeError) for o in outcomes)
     fail = False
     assert await batcher.submit(ORG, {}) == {"i": 0}
+
+
+async def test_batcher_keeps_at_most_two_batches_of_a_tenant_under_way():
+    calls: list[int] = []
+    gate = asyncio.Event()
+
+    async def decide(org, now, scans):
+        calls.append(len(scans))
+        await gate.wait()
+        return [{"i": s["i"], "code": s["code"]} for s in scans]
+
+    batcher = DecisionBatcher(decide, in_flight=2)
+    first = asyncio.create_task(batcher.submit(ORG, {"code": "0"}))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(batcher.submit(ORG, {"code": "1"}))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(batcher.submit(ORG, {"code": str(n)})) for n in range(2, 30)]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert calls == [1, 1], "two batches under way, the rest wait for one of them"
+    gate.set()
+    results = await asyncio.gather(first, second, *rest)
+    assert [r["code"] for r in results] == [str(n) for n in range(30)]
+    assert calls == [1, 1, 28]

@@ -1,6 +1,8 @@
 """Deciding concurrent scans together: one database round trip for all scans that arrived while
 the previous round trip was under way ("natural batching": no timer, no added latency when
-idle)."""
+idle). Up to ``in_flight`` batches of a tenant are under way at once, so the scans arriving during
+one batch do not wait for it to finish: the authority locks each batch's tickets in code order,
+so two batches never deadlock and a ticket in both is decided by the second after the first."""
 
 from __future__ import annotations
 
@@ -32,19 +34,20 @@ Decide = Callable[[UUID, datetime, list[dict[str, Any]]], Awaitable[list[dict[st
 class DecisionBatcher:
     """Queues scans per tenant and decides each queue's content in one call to ``decide``."""
 
-    def __init__(self, decide: Decide, *, max_batch: int = 256) -> None:
+    def __init__(self, decide: Decide, *, max_batch: int = 256, in_flight: int = 2) -> None:
         self._decide = decide
         self._max_batch = max_batch
+        self._in_flight = in_flight
         self._queues: dict[UUID, list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]] = defaultdict(list)
-        self._flushing: set[UUID] = set()
+        self._flushing: dict[UUID, int] = defaultdict(int)  # batches under way per tenant
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def submit(self, org_id: UUID, scan: dict[str, Any]) -> dict[str, Any]:
         """Decide one scan (batched with whatever else is waiting for the same tenant)."""
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._queues[org_id].append((scan, future))
-        if org_id not in self._flushing:
-            self._flushing.add(org_id)
+        if self._flushing[org_id] < self._in_flight:
+            self._flushing[org_id] += 1
             task = asyncio.create_task(self._flush(org_id))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -72,9 +75,11 @@ class DecisionBatcher:
                     if not fut.done():
                         fut.set_result(decision)
         finally:
-            self._flushing.discard(org_id)
-            if not self._queues.get(org_id):
-                self._queues.pop(org_id, None)
+            self._flushing[org_id] -= 1
+            if not self._flushing[org_id]:
+                del self._flushing[org_id]
+                if not self._queues.get(org_id):
+                    self._queues.pop(org_id, None)
 
     async def drain(self) -> None:
         """Wait for the batches under way (shutdown)."""
