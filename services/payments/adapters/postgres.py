@@ -330,7 +330,9 @@ class PaymentsStore:
         # (interrupted: the outcome is unknown, the resumer settles it)
         self._finishes: _TenantBatches[_Finish] = _TenantBatches(
             "finish", self._finish_many, self._finish_alone, self._finished,
-            limit=_FINISH_BATCH, interrupted="completion outcome unknown; retry")
+            limit=_FINISH_BATCH, interrupted="completion outcome unknown; retry",
+            # finishes share no row (each its own checkout, holds and tickets): two at once
+            in_flight=2)
 
     def attach(self, pool: asyncpg.Pool) -> None:
         """Use ``pool`` (the runtime's, which exists only once the service has started)."""
@@ -969,25 +971,29 @@ Q = TypeVar("Q", bound=_Queued)
 class _TenantBatches(Generic[Q]):
     """Work of one tenant that arrives together goes together: while one statement is in
     flight the next requests queue, then go as one batch (``many``); a request alone, or each
-    member of a batch that failed, goes on its own (``one``), so each gets its own answer."""
+    member of a batch that failed, goes on its own (``one``), so each gets its own answer.
+    ``in_flight`` batches of a tenant may be under way at once (more than one only for work that
+    shares no row between batches, or the second just waits for the first's locks)."""
 
     def __init__(self, what: str, many: Callable[[UUID, list[Q]], Awaitable[Sequence[Any]]],
                  one: Callable[[UUID, Q], Awaitable[Any]], accept: Callable[[Q, Any], Any], *,
-                 limit: int, interrupted: str) -> None:  # fmt: skip
+                 limit: int, interrupted: str, in_flight: int = 1) -> None:  # fmt: skip
         self._what = what
         self._many = many
         self._one = one
         self._accept = accept  # a batch's outcome for one member -> its answer
         self._limit = limit
         self._interrupted = interrupted
+        self._in_flight = in_flight
         self._queued: dict[UUID, list[Q]] = {}
-        self._runners: dict[UUID, asyncio.Task[None]] = {}
+        self._runners: dict[UUID, set[asyncio.Task[None]]] = {}
 
     def submit(self, org_id: UUID, item: Q) -> None:
         """Queue ``item``; its ``result`` future is settled when its batch is done."""
         self._queued.setdefault(org_id, []).append(item)
-        if org_id not in self._runners:
-            self._runners[org_id] = asyncio.create_task(self._drain(org_id))
+        runners = self._runners.setdefault(org_id, set())
+        if len(runners) < self._in_flight:
+            runners.add(asyncio.create_task(self._drain(org_id)))
 
     async def _drain(self, org_id: UUID) -> None:
         batch: list[Q] = []
@@ -1005,15 +1011,22 @@ class _TenantBatches(Generic[Q]):
                     if outcomes is not None:
                         for item, outcome in zip(batch, outcomes):
                             _settle(item.result, self._accept(item, outcome))
+                        batch = []
                         continue
                 results = await asyncio.gather(*(self._one(org_id, item) for item in batch),
                                                return_exceptions=True)  # fmt: skip
                 for item, outcome in zip(batch, results):
                     _settle(item.result, outcome)
+                batch = []
         finally:
-            self._runners.pop(org_id, None)
-            # (only if this task was cancelled: nobody is left waiting forever)
-            for item in batch + self._queued.pop(org_id, []):
+            runners = self._runners.get(org_id, set())
+            runners.discard(asyncio.current_task())  # type: ignore[arg-type]
+            # (only if this task was cancelled: nobody is left waiting forever; what is still
+            # queued is another runner's, unless this was the last one)
+            left = batch + (self._queued.pop(org_id, []) if not runners else [])
+            if not runners:
+                self._runners.pop(org_id, None)
+            for item in left:
                 _settle(item.result, Unavailable(self._interrupted))
 
 
