@@ -201,7 +201,13 @@ class AccessControl:
         if fresh or moved:
             task = asyncio.create_task(self.claims.claim(fresh, moved))
             self._claiming.add(task)
-            task.add_done_callback(self._claiming.discard)
+            task.add_done_callback(self._claimed)
+
+    def _claimed(self, task: asyncio.Task[None]) -> None:
+        self._claiming.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # (Redis down is handled inside; this is anything else: logged, never fatal)
+            log.warning("admission_claims_failed", error=repr(task.exception()))
 
     async def drain(self) -> None:
         """Finish the batches and tier-2 writes under way (shutdown)."""

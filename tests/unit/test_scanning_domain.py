@@ -155,3 +155,32 @@ async def test_batcher_keeps_at_most_two_batches_of_a_tenant_under_way():
     results = await asyncio.gather(first, second, *rest)
     assert [r["code"] for r in results] == [str(n) for n in range(30)]
     assert calls == [1, 1, 28]
+
+
+async def test_tier2_writes_after_the_decision_and_a_failure_is_only_logged():
+    from structlog.testing import capture_logs
+
+    from services.scanning.handlers import AccessControl
+
+    written: list[tuple] = []
+    release = asyncio.Event()
+
+    class Claims:
+        async def claim(self, fresh, moved):
+            await release.wait()
+            written.append((fresh, moved))
+            raise RuntimeError("unexpected reply")
+
+    access = AccessControl(store=None, claims=Claims())  # type: ignore[arg-type]
+    item = {"event_id": str(uuid.uuid4()), "code": "TKT-1", "dir": "entry", "device": "gate-1", "nonce": "n1"}
+    decision = {"result": "accepted", "reentry": False, "replayed": False, "swap": False,
+                "ticket_type": "GA", "first_at": datetime.now(UTC).isoformat(), "first_gate": "A"}
+    with capture_logs() as logs:
+        access._remember([(ORG, item, decision)])
+        # tier 1 knows the admission at once; tier 2 has not been written yet
+        assert access.cache.get(ORG, "TKT-1") is not None
+        assert written == []
+        release.set()
+        await access.drain()
+    assert len(written) == 1 and written[0][0][0][1] == "TKT-1"
+    assert any(e["event"] == "admission_claims_failed" for e in logs)
