@@ -98,3 +98,42 @@ async def test_large_batch_is_one_result_per_scan(venue_factory):
     assert sum(r["conflict"] for r in results) == 100
     occ = await v.occupancy()
     assert (occ["inside"], occ["entries"]) == (500, 500)
+
+
+async def test_a_big_upload_split_in_two_transactions_decides_as_one(venue_factory):
+    """Above OFFLINE_SPLIT_AT scans the upload is decided in two transactions at once, split by
+    ticket: every ticket's scans still meet in order, nothing is applied twice on a re-upload."""
+    from services.scanning.handlers import OFFLINE_SPLIT_AT
+
+    v = await venue_factory(tickets=1100)
+    t0 = datetime.now(UTC) - timedelta(minutes=30)
+    scans = []
+    for n, code in enumerate(v.tickets):
+        at = t0 + timedelta(milliseconds=n)
+        scans.append(_scan(v, code, at + timedelta(minutes=1), gate="South", nonce=f"s-{n}"))  # later
+        scans.append(_scan(v, code, at, gate="North", nonce=f"n-{n}"))
+    scans += [_scan(v, f"TKT-forged-{n}", t0, nonce=f"f-{n}") for n in range(100)]
+    assert len(scans) > OFFLINE_SPLIT_AT
+
+    results = await v.sync(scans)
+    assert [r["nonce"] for r in results] == [s["nonce"] for s in scans]
+    by_nonce = {r["nonce"]: r for r in results}
+    for n in range(len(v.tickets)):
+        north, south = by_nonce[f"n-{n}"], by_nonce[f"s-{n}"]
+        assert (north["result"], north["conflict"], north["first_gate"]) == ("accepted", False, "North")
+        assert (south["result"], south["reason"], south["conflict"]) == ("rejected", "already_admitted", True)
+    assert all(by_nonce[f"f-{n}"]["reason"] == "unknown_ticket" for n in range(100))
+    occ = await v.occupancy()
+    assert (occ["inside"], occ["entries"]) == (1100, 1100)
+
+    again = await v.sync(scans)
+    assert all(r["replayed"] for r in again)
+    assert [r["scan_id"] for r in again] == [r["scan_id"] for r in results]
+    conn = await asyncpg.connect(v.admin_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM scanning.scans WHERE organization_id = $1", v.org) == len(scans)
+        assert await conn.fetchval("SELECT count(*) FROM scanning.outbox WHERE organization_id = $1 "
+                                   "AND subject LIKE '%.scanning.scan.%'", v.org) == len(scans)
+    finally:
+        await conn.close()
+    assert (await v.occupancy())["entries"] == 1100
