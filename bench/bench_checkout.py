@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -255,6 +256,7 @@ async def run(args: argparse.Namespace) -> None:
                 proc.kill()
         if servers is not None:
             servers.stop()
+            shutil.rmtree(data, ignore_errors=True)  # a run leaves gigabytes of server data behind
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import shutil
 import random
 import subprocess
 import sys
@@ -495,6 +496,7 @@ async def main() -> None:
             proc.wait(20)
         if servers is not None:
             servers.stop()
+            shutil.rmtree(data, ignore_errors=True)  # a run leaves gigabytes of server data behind
 
 
 if __name__ == "__main__":

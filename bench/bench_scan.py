@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import collections
 import os
+import shutil
 import random
 import statistics
 import subprocess
@@ -274,6 +275,7 @@ async def main() -> None:
             proc.wait(20)
         if servers is not None:
             servers.stop()
+            shutil.rmtree(data, ignore_errors=True)  # a run leaves gigabytes of server data behind
 
 
 if __name__ == "__main__":

