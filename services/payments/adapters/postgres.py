@@ -594,13 +594,11 @@ class PaymentsStore:
         ``LostRace`` (nothing written) if the checkout was no longer ``charging``; a database
         error is this saga's own (a failed batch is retried saga by saga)."""
         ensure_transition(checkout.status, CheckoutStatus.COMPLETED)
-        if checkout.status is not CheckoutStatus.CHARGING:  # (only charging is batched)
-            return await self._finish_one(session, checkout, charge_id, entry, posted_at,
-                                          tickets, issued_at, completion, events)  # fmt: skip
-        org = checkout.organization_id
         fin = _Finish(session, checkout, charge_id, entry, posted_at, tickets, issued_at,
                       completion, tuple(events), asyncio.get_running_loop().create_future())  # fmt: skip
-        self._finishes.submit(org, fin)
+        if checkout.status is not CheckoutStatus.CHARGING:  # (only charging is batched)
+            return await self._finish_one(fin)
+        self._finishes.submit(checkout.organization_id, fin)
         try:
             await asyncio.shield(fin.result)
         except asyncio.CancelledError:
@@ -610,8 +608,7 @@ class PaymentsStore:
             raise
 
     async def _finish_alone(self, org_id: UUID, f: _Finish) -> bool:
-        await self._finish_one(f.session, f.checkout, f.charge_id, f.entry, f.posted_at,
-                               f.tickets, f.issued_at, f.completion, f.events)  # fmt: skip
+        await self._finish_one(f)
         return True
 
     @staticmethod
@@ -656,29 +653,20 @@ class PaymentsStore:
         )  # fmt: skip
         return list(moved)
 
-    async def _finish_one(
-        self,
-        session: SagaSession,
-        checkout: CheckoutRecord,
-        charge_id: str | None,
-        entry: JournalEntry | None,
-        posted_at: datetime,
-        tickets: Sequence[tuple[str, HeldItem]],
-        issued_at: datetime,
-        completion: dict[str, Any],
-        events: Sequence[Envelope],
-    ) -> None:
+    async def _finish_one(self, f: _Finish) -> None:
+        """One saga alone, with ``checkout_finish`` (which also lets go of its saga lock)."""
+        session, checkout, entry, events = f.session, f.checkout, f.entry, f.events
         event_ids, _, subjects, payloads = _own_outbox_rows(checkout.organization_id, events)
         lines = entry.lines if entry is not None else ()
         done = await session.conn.fetchval(
             "SELECT checkout_finish($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, "
             "$14, $15, $16, $17, $18, $19, $20, $21)",
-            checkout.organization_id, checkout.checkout_id, str(checkout.status), charge_id,
-            completion, checkout.event_id, issued_at,
-            [code for code, _ in tickets], [i.ticket_type_id for _, i in tickets],
-            [i.ticket_type for _, i in tickets],
+            checkout.organization_id, checkout.checkout_id, str(checkout.status), f.charge_id,
+            f.completion, checkout.event_id, f.issued_at,
+            [code for code, _ in f.tickets], [i.ticket_type_id for _, i in f.tickets],
+            [i.ticket_type for _, i in f.tickets],
             entry.entry_id if entry is not None else None,
-            entry.description if entry is not None else None, posted_at,
+            entry.description if entry is not None else None, f.posted_at,
             [str(l.account) for l in lines], [str(l.side) for l in lines],
             [l.amount.amount for l in lines], [l.amount.currency for l in lines],
             event_ids, subjects, payloads,
