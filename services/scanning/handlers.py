@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-import zlib
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -36,7 +35,6 @@ __all__ = ["AccessControl", "REGISTRY_CONSUMER"]
 log = get_logger(__name__)
 
 REGISTRY_CONSUMER = "scanning-registry"
-OFFLINE_SPLIT_AT = 2_000  # an offline upload this big is decided in two transactions at once
 
 
 def _tenant(ctx: CommandContext) -> UUID:
@@ -87,28 +85,12 @@ class AccessControl:
                                    s.nonce, s.scanned_at, cmd.device_event_id, actor)
             item.update(offline=True, device_result=s.device_result.value, i=i)
             items.append(item)
-        now = utcnow()
-        if len(items) < OFFLINE_SPLIT_AT:
-            decisions = await self.store.decide(org, now, items)
-        else:
-            # A big upload goes as two transactions side by side, split by ticket: a scan's
-            # decision depends only on its own ticket's earlier scans, which stay together and
-            # in order, and PostgreSQL decides the halves on two cores. Each half commits on its
-            # own; if one fails the device uploads again and the other half is replayed, not
-            # applied twice (every scan is idempotent per device and nonce).
-            halves: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
-            for item in items:
-                halves[zlib.crc32(item["code"].encode()) & 1].append(item)
-            decisions = [d for half in await asyncio.gather(
-                *(self.store.decide(org, now, half) for half in halves if half)) for d in half]
+        decisions = await self.store.decide(org, utcnow(), items)
         by_index = {d["i"]: d for d in decisions}
-        decided = [(org, item, by_index[item["i"]]) for item in items]
-        if len(items) < OFFLINE_SPLIT_AT:
-            self._remember(decided)
-        else:
-            # thousands of admissions: fed to the tiers 50 ms later, once the reply is on its way
-            # (the tiers only spare later scans a trip to the authority)
-            asyncio.get_running_loop().call_later(0.05, self._remember, decided)
+        # an upload's admissions (thousands, maybe) reach the tiers 50 ms later, once the reply
+        # is on its way: the tiers only spare later scans a trip to the authority
+        asyncio.get_running_loop().call_later(
+            0.05, self._remember, [(org, item, by_index[item["i"]]) for item in items])
         # one validation of the whole reply (in pydantic's core), not one model call per scan
         return OfflineScansSynced.model_validate({"results": [
             {"nonce": s.nonce, "result": d["result"], "reason": d["reason"], "conflict": d["conflict"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -14,7 +15,9 @@ from libs.db import CONNECTION_ERRORS, mark_processed, tenant_transaction
 from libs.envelope import Envelope
 from libs.errors import Unavailable
 
-__all__ = ["ScanningStore"]
+__all__ = ["ScanningStore", "SPLIT_AT"]
+
+SPLIT_AT = 2_000  # scans in one batch from which it is decided as two transactions at once
 
 _REGISTRY_EVENTS = {EventCreated.event_type, TicketIssued.event_type, TicketCancelled.event_type}
 _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
@@ -28,7 +31,22 @@ class ScanningStore:
 
     async def decide(self, org_id: UUID, now: datetime, scans: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Decide, record and apply a batch of one tenant's scans in one statement (one
-        transaction, one round trip). Raises ``Unavailable`` when PostgreSQL does not answer."""
+        transaction, one round trip). Raises ``Unavailable`` when PostgreSQL does not answer.
+
+        A batch of ``SPLIT_AT`` scans or more (an offline upload) goes as two transactions side
+        by side, split by ticket: a decision depends only on its own ticket's earlier scans,
+        which stay together and in order, and PostgreSQL decides the halves on two cores. Each
+        half commits on its own; if one fails the device uploads again and the other half is
+        replayed, not applied twice (every scan is idempotent per device and nonce)."""
+        if len(scans) < SPLIT_AT:
+            return await self._decide(org_id, now, scans)
+        halves: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+        for scan in scans:
+            halves[zlib.crc32(scan["code"].encode()) & 1].append(scan)
+        decided = await asyncio.gather(*(self._decide(org_id, now, half) for half in halves if half))
+        return [d for half in decided for d in half]
+
+    async def _decide(self, org_id: UUID, now: datetime, scans: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for attempt in range(3):
             try:
                 async with self._pool.acquire(timeout=2.0) as conn:

@@ -101,9 +101,9 @@ async def test_large_batch_is_one_result_per_scan(venue_factory):
 
 
 async def test_a_big_upload_split_in_two_transactions_decides_as_one(venue_factory):
-    """Above OFFLINE_SPLIT_AT scans the upload is decided in two transactions at once, split by
-    ticket: every ticket's scans still meet in order, nothing is applied twice on a re-upload."""
-    from services.scanning.handlers import OFFLINE_SPLIT_AT
+    """From SPLIT_AT scans the upload is decided in two transactions at once, split by ticket:
+    every ticket's scans still meet in order, nothing is applied twice on a re-upload."""
+    from services.scanning.adapters.postgres import SPLIT_AT
 
     v = await venue_factory(tickets=1100)
     t0 = datetime.now(UTC) - timedelta(minutes=30)
@@ -113,7 +113,7 @@ async def test_a_big_upload_split_in_two_transactions_decides_as_one(venue_facto
         scans.append(_scan(v, code, at + timedelta(minutes=1), gate="South", nonce=f"s-{n}"))  # later
         scans.append(_scan(v, code, at, gate="North", nonce=f"n-{n}"))
     scans += [_scan(v, f"TKT-forged-{n}", t0, nonce=f"f-{n}") for n in range(100)]
-    assert len(scans) > OFFLINE_SPLIT_AT
+    assert len(scans) > SPLIT_AT
 
     results = await v.sync(scans)
     assert [r["nonce"] for r in results] == [s["nonce"] for s in scans]
