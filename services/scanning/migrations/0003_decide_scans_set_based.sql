@@ -204,8 +204,8 @@ BEGIN
         -- nested loop over every scan of the batch for every ticket.
         SELECT jsonb_object_agg(s.code, jsonb_build_object(
                    'entry', s.dir = 'entry', 'first_at', s.first_at, 'first_gate', s.first_gate,
-                   'at', s.at_when, 'scan_id', s.scan_id))
-        INTO v_changes
+                   'at', s.at_when, 'scan_id', s.scan_id)), count(*)
+        INTO v_changes, v_accepted
         FROM unnest(v_set) s WHERE s.result = 'accepted';
         UPDATE tickets t SET
             inside = (v_changes->t.ticket_code->>'entry')::boolean,
@@ -226,7 +226,6 @@ BEGIN
           AND t.ticket_code = ANY (ARRAY(SELECT jsonb_object_keys(coalesce(v_changes, '{}'))))
           AND t.inside = NOT (v_changes->t.ticket_code->>'entry')::boolean;
         GET DIAGNOSTICS v_n = ROW_COUNT;
-        SELECT count(*) INTO v_accepted FROM unnest(v_set) s WHERE s.result = 'accepted';
         IF v_n <> v_accepted THEN
             RAISE EXCEPTION 'a ticket of this batch changed under its lock';
         END IF;
