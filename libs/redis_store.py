@@ -71,37 +71,6 @@ class RedisStore:
         except _DOWN:
             return False
 
-    async def claim(self, key: str, value: str, ttl_seconds: int) -> str | None:
-        """Atomically claim ``key`` (``SET NX EX``). None if we got it, else the holder's value."""
-        try:
-            if await self._client.set(key, value, nx=True, ex=ttl_seconds):
-                return None
-            holder = await self._client.get(key)
-        except _DOWN as exc:
-            raise RedisUnavailable(f"redis: {exc}") from exc
-        # expired between SET and GET: nobody holds it now; report it as free
-        return holder
-
-    async def claim_many(
-        self, items: Sequence[tuple[str, str]], ttl_seconds: int
-    ) -> list[str | None]:
-        """``claim`` for many keys in one round trip; one result per item, in order."""
-        if not items:
-            return []
-        try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key, value in items:
-                    pipe.set(key, value, nx=True, ex=ttl_seconds)
-                    pipe.get(key)
-                replies = await pipe.execute()
-        except _DOWN as exc:
-            raise RedisUnavailable(f"redis: {exc}") from exc
-        out: list[str | None] = []
-        for i in range(len(items)):
-            won, holder = replies[2 * i], replies[2 * i + 1]
-            out.append(None if won else holder)
-        return out
-
     async def claim_only(self, items: Sequence[tuple[str, str]], ttl_seconds: int) -> None:
         """``SET NX EX`` for many keys, without reading the holders back."""
         await self._set_all(items, ttl_seconds, only_new=True)
