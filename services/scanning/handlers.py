@@ -87,10 +87,10 @@ class AccessControl:
             items.append(item)
         decisions = await self.store.decide(org, utcnow(), items)
         by_index = {d["i"]: d for d in decisions}
-        # an upload's admissions (thousands, maybe) reach the tiers 50 ms later, once the reply
-        # is on its way: the tiers only spare later scans a trip to the authority
-        asyncio.get_running_loop().call_later(
-            0.05, self._remember, [(org, item, by_index[item["i"]]) for item in items])
+        # tier 1 at once, before the reply: an upload can move a ticket's first admission to an
+        # earlier gate, and a gate scanning it next must not be told the old one (Redis follows
+        # in the background, where a late write is harmless: the moved admission overwrites)
+        self._remember([(org, item, by_index[item["i"]]) for item in items])
         # one validation of the whole reply (in pydantic's core), not one model call per scan
         return OfflineScansSynced.model_validate({"results": [
             {"nonce": s.nonce, "result": d["result"], "reason": d["reason"], "conflict": d["conflict"],
