@@ -178,7 +178,10 @@ class ServiceRuntime:
             try:
                 await asyncio.wait_for(self.nc.drain(), 5.0)
             except Exception:  # noqa: BLE001
-                await self.nc.close()
+                try:
+                    await self.nc.close()
+                except Exception as exc:  # noqa: BLE001 - NATS already gone: nothing to flush
+                    self.log.warning("nats_close_failed", error=repr(exc))
         if self.redis:
             await self.redis.close()
         if self.pool:
@@ -191,14 +194,33 @@ class ServiceRuntime:
         self.log.info("service_stopped")
 
     async def run_until_stopped(self) -> None:
-        """Start, wait for SIGTERM or SIGINT, stop."""
+        """Start, wait for SIGTERM or SIGINT, stop. A signal during start-up (a server that
+        does not answer yet) abandons it; stopping takes at most ``stop_timeout_seconds``, so
+        a server gone mid-shutdown never leaves the process hanging."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
-        await self.stop()
+        starting = asyncio.create_task(self.start(), name=f"{self.name}-start")
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            # half started: the process exits and the OS closes what was opened
+            self.log.warning("stopped_while_starting")
+            starting.cancel()
+            await asyncio.wait([starting])
+            return
+        if starting.exception() is not None:
+            stopping.cancel()
+            starting.result()  # start-up failed: raise it
+        await stopping
+        await self._stop_within_deadline()
+
+    async def _stop_within_deadline(self) -> None:
+        try:
+            await asyncio.wait_for(self.stop(), self.settings.stop_timeout_seconds)
+        except TimeoutError:
+            self.log.error("stop_timed_out", seconds=self.settings.stop_timeout_seconds)
 
     # -- health ----------------------------------------------------------------------------
 

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     consumer_max_deliver: int = 5
     consumer_backoff_seconds: str = "0.2,1,5,15"
     outbox_batch_size: int = 500
+    stop_timeout_seconds: float = Field(
+        default=25.0, gt=0,
+        description="Longest a service spends stopping on SIGTERM before it exits anyway "
+        "(below an orchestrator's usual 30 s grace period).",
+    )
     redis_timeout_seconds: float = 0.1
     command_timeout_seconds: float = 2.0
 

@@ -1,0 +1,112 @@
+"""A service process stops on SIGTERM however its servers are doing: NATS gone first, or a
+server that accepts connections but never answers while the service is still starting.
+An orchestrator sends SIGTERM and waits its grace period; a process that hangs there is killed
+mid-write instead of stopping in order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+from libs.servers import NatsServer, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _spawn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    out = open(log, "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.scanning"], cwd=ROOT,
+        env={**os.environ, "VGE_ENVIRONMENT": "test", "VGE_LOG_FORMAT": "json",
+             "VGE_HEALTH_PORT": str(port), **env},
+        stdout=out, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    out.close()
+    return proc, port
+
+
+async def _healthy(proc: subprocess.Popen, port: int, log: Path) -> None:
+    async with httpx.AsyncClient() as http:
+        for _ in range(300):
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            try:
+                if (await http.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("service not healthy in time:\n" + log.read_text(errors="replace")[-3000:])
+
+
+async def _exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
+    for _ in range(int(timeout / 0.05)):
+        if proc.poll() is not None:
+            return proc.returncode
+        await asyncio.sleep(0.05)
+    proc.kill()
+    proc.wait(5)
+    return None
+
+
+async def test_sigterm_after_nats_went_away_stops_cleanly(server_urls, context_keys, tmp_path):
+    nats_dir = Path(tempfile.mkdtemp(prefix="vge-stop-nats-"))
+    own_nats = NatsServer(nats_dir).start()
+    log = tmp_path / "scanning.log"
+    proc, port = _spawn({
+        "VGE_NATS_URL": own_nats.url, "VGE_DATABASE_URL": server_urls["database_url"],
+        "VGE_REDIS_URL": server_urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": context_keys[1],
+    }, log)  # fmt: skip
+    try:
+        await _healthy(proc, port, log)
+        own_nats.stop()
+        await asyncio.sleep(2.0)  # the client is reconnecting by now
+        proc.send_signal(signal.SIGTERM)
+        code = await _exit_code(proc, 20.0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        own_nats.stop()
+    text = log.read_text(errors="replace")
+    assert code == 0, f"exit code {code}:\n{text[-3000:]}"
+    assert '"service_stopped"' in text
+    assert "Traceback" not in text
+
+
+async def test_sigterm_while_a_server_never_answers_abandons_the_start(context_keys, tmp_path):
+    # a "PostgreSQL" that accepts the connection and then says nothing: start-up waits on it
+    accepted = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()  # until the client goes
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    pg_port = server.sockets[0].getsockname()[1]
+    log = tmp_path / "scanning.log"
+    proc, _ = _spawn({
+        "VGE_NATS_URL": "nats://127.0.0.1:1",
+        "VGE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{pg_port}/postgres",
+        "VGE_REDIS_URL": "redis://127.0.0.1:1/0", "VGE_CONTEXT_PUBLIC_KEYS": context_keys[1],
+    }, log)  # fmt: skip
+    try:
+        await asyncio.wait_for(accepted.wait(), 30.0)
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        code = await _exit_code(proc, 10.0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.close()
+    text = log.read_text(errors="replace")
+    assert code is not None, "the service hung on SIGTERM during start-up:\n" + text[-3000:]
+    assert code == 0, f"exit code {code}:\n{text[-3000:]}"
+    assert '"stopped_while_starting"' in text
