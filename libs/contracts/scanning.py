@@ -9,7 +9,7 @@ from uuid import UUID
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from libs.contracts import Command, EventData, Reply
+from libs.contracts import CHECKED_INSTANT, Command, EventData, Reply
 
 __all__ = [
     "Direction",
@@ -72,7 +72,7 @@ def _in_utc(value: datetime) -> datetime:
         raise ValueError("scanned_at is out of range") from None
 
 
-DeviceTime = Annotated[datetime, AfterValidator(_in_utc)]
+DeviceTime = Annotated[datetime, AfterValidator(_in_utc), CHECKED_INSTANT]
 
 _CODE = Field(min_length=1, max_length=128)
 _NONCE = Field(min_length=1, max_length=128)
