@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 from uuid import UUID
 
 from libs.contracts.scanning import Direction, OfflineScan
@@ -33,10 +32,10 @@ __all__ = [
 CLAIM_WINDOW_SECONDS = 300
 
 
-@dataclass(frozen=True)
-class Admission:
+class Admission(NamedTuple):
     """The first admission of a ticket at an event that allows no re-entry: once admitted,
-    every later entry is ``already_admitted``."""
+    every later entry is ``already_admitted``. (Immutable; a named tuple, because an upload
+    makes 10,000 of them and a frozen dataclass costs ~3 µs each.)"""
 
     event_id: UUID
     ticket_type: str | None

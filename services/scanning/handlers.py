@@ -184,6 +184,7 @@ class AccessControl:
         never lands costs a lookup, never a wrong decision)."""
         fresh: list[tuple[UUID, str, Admission]] = []
         moved: list[tuple[UUID, str, Admission]] = []
+        event_ids: dict[str, UUID] = {}  # an upload names a few events 10,000 times
         for org, item, d in decided:
             if (
                 item["dir"] != "entry"
@@ -192,8 +193,11 @@ class AccessControl:
                 or d["replayed"]
             ):
                 continue
+            event_id = event_ids.get(item["event_id"])
+            if event_id is None:
+                event_id = event_ids[item["event_id"]] = UUID(item["event_id"])
             admission = Admission(
-                event_id=UUID(item["event_id"]), ticket_type=d["ticket_type"],
+                event_id=event_id, ticket_type=d["ticket_type"],
                 first_admitted_at=datetime.fromisoformat(d["first_at"]),
                 first_gate=d["first_gate"], device_id=item["device"], nonce=item["nonce"],
             )
