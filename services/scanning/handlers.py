@@ -58,7 +58,7 @@ class AccessControl:
         org = _tenant(ctx)
         authorize(ctx.actor, Action.SCAN_SUBMIT, Resource("event", org, str(cmd.event_id)))
         nonce = cmd.nonce or f"srv-{uuid.uuid4()}"
-        item = self._scan_item(ctx, org, cmd.event_id, cmd.ticket_code, cmd.direction, cmd.gate,
+        item = self._scan_item(ctx, org, str(cmd.event_id), cmd.ticket_code, cmd.direction, cmd.gate,
                                cmd.zone, nonce, cmd.scanned_at, cmd.device_event_id)
         if cmd.direction is Direction.ENTRY:
             self._mark_if_duplicate(item, self.cache.get(org, cmd.ticket_code))  # tier 1
@@ -74,16 +74,17 @@ class AccessControl:
         """Apply an offline batch in ``scanned_at`` order (one transaction, or two split by ticket
         for a big one); one result per scan."""
         org = _tenant(ctx)
-        for event_id in {s.event_id for s in cmd.scans}:
-            authorize(ctx.actor, Action.SCAN_SYNC, Resource("event", org, str(event_id)))
+        event_ids = {e: str(e) for e in {s.event_id for s in cmd.scans}}
+        for event_id in event_ids.values():
+            authorize(ctx.actor, Action.SCAN_SYNC, Resource("event", org, event_id))
         order = offline_apply_order(cmd.scans)
         actor = ctx.actor.model_dump(mode="json")
         items = []
         for i in order:
             s = cmd.scans[i]
-            item = self._scan_item(ctx, org, s.event_id, s.ticket_code, s.direction, s.gate, s.zone,
-                                   s.nonce, s.scanned_at, cmd.device_event_id, actor)
-            item.update(offline=True, device_result=s.device_result.value, i=i)
+            item = self._scan_item(ctx, org, event_ids[s.event_id], s.ticket_code, s.direction, s.gate,
+                                   s.zone, s.nonce, s.scanned_at, cmd.device_event_id, actor)
+            item.update(offline=True, device_result=s.device_result, i=i)
             items.append(item)
         decisions = await self.store.decide(org, utcnow(), items)
         by_index = {d["i"]: d for d in decisions}
@@ -159,14 +160,15 @@ class AccessControl:
 
     @staticmethod
     def _scan_item(
-        ctx: CommandContext, org: UUID, event_id: UUID, code: str, direction: Direction,
+        ctx: CommandContext, org: UUID, event_id: str, code: str, direction: Direction,
         gate: str | None, zone: str | None, nonce: str, scanned_at: datetime | None,
         device_event_id: UUID | None, actor: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         # ``actor``: the context's actor as JSON, when the caller has it already (a batch of
-        # 10,000 offline scans has one actor)
+        # 10,000 offline scans has one actor). ``direction`` goes in as is: a StrEnum member is
+        # the string itself (``.value`` costs a descriptor call, 10,000 times per upload).
         return {
-            "event_id": str(event_id), "code": code, "dir": direction.value, "gate": gate,
+            "event_id": event_id, "code": code, "dir": direction, "gate": gate,
             "zone": zone, "device": ctx.actor.user_id, "nonce": nonce,
             "scanned_at": scanned_at.isoformat() if scanned_at else None, "offline": False,
             "device_event_id": str(device_event_id) if device_event_id else None,
