@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -46,7 +45,10 @@ async def _healthy(proc: subprocess.Popen, port: int, log: Path) -> None:
     raise AssertionError("service not healthy in time:\n" + log.read_text(errors="replace")[-3000:])
 
 
-async def _exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
+async def _sigterm(proc: subprocess.Popen, timeout: float) -> int | None:
+    """SIGTERM, then the exit code; None (and SIGKILL) if the process is still there after
+    ``timeout``."""
+    proc.send_signal(signal.SIGTERM)
     for _ in range(int(timeout / 0.05)):
         if proc.poll() is not None:
             return proc.returncode
@@ -57,8 +59,7 @@ async def _exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
 
 
 async def test_sigterm_after_nats_went_away_stops_cleanly(server_urls, context_keys, tmp_path):
-    nats_dir = Path(tempfile.mkdtemp(prefix="vge-stop-nats-"))
-    own_nats = NatsServer(nats_dir).start()
+    own_nats = NatsServer(tmp_path / "nats").start()
     log = tmp_path / "scanning.log"
     proc, port = _spawn({
         "VGE_NATS_URL": own_nats.url, "VGE_DATABASE_URL": server_urls["database_url"],
@@ -68,11 +69,8 @@ async def test_sigterm_after_nats_went_away_stops_cleanly(server_urls, context_k
         await _healthy(proc, port, log)
         own_nats.stop()
         await asyncio.sleep(2.0)  # the client is reconnecting by now
-        proc.send_signal(signal.SIGTERM)
-        code = await _exit_code(proc, 20.0)
+        code = await _sigterm(proc, 20.0)
     finally:
-        if proc.poll() is None:
-            proc.kill()
         own_nats.stop()
     text = log.read_text(errors="replace")
     assert code == 0, f"exit code {code}:\n{text[-3000:]}"
@@ -100,8 +98,7 @@ async def test_sigterm_while_a_server_never_answers_abandons_the_start(context_k
     try:
         await asyncio.wait_for(accepted.wait(), 30.0)
         await asyncio.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        code = await _exit_code(proc, 10.0)
+        code = await _sigterm(proc, 10.0)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -60,18 +60,13 @@ class AdmissionClaims:
         try:
             # encoded a chunk at a time, each sent before the next is built: an upload's 10,000
             # admissions encoded in one go held the event loop (and the upload's reply) ~0.1 s
-            for start in range(0, len(admissions), CLAIM_CHUNK):
-                await self._store.claim_only(
-                    [(claim_key(org, code), encode_admission(a))
-                     for org, code, a in admissions[start : start + CLAIM_CHUNK]],
-                    self._window,
-                )  # fmt: skip
-            for start in range(0, len(replaced), CLAIM_CHUNK):
-                await self._store.set_many(
-                    [(claim_key(org, code), encode_admission(a))
-                     for org, code, a in replaced[start : start + CLAIM_CHUNK]],
-                    self._window,
-                )  # fmt: skip
+            for items, write in ((admissions, self._store.claim_only), (replaced, self._store.set_many)):
+                for start in range(0, len(items), CLAIM_CHUNK):
+                    await write(
+                        [(claim_key(org, code), encode_admission(a))
+                         for org, code, a in items[start : start + CLAIM_CHUNK]],
+                        self._window,
+                    )  # fmt: skip
         except RedisUnavailable as exc:
             self._down(exc)
 
