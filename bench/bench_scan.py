@@ -4,7 +4,9 @@
     .venv/bin/python bench/bench_scan.py --devices 64 --seconds 10 --rate 1000 --offline 10000
 
 Phases: (1) flat out with N concurrent devices; (2) a fixed rate (open loop: latency includes
-queueing); (3) one offline batch. Prints throughput, p50/p95/p99, accepted/rejected counts and the
+queueing); (3) one offline batch. Phases 2 and 3 start once the service has published the
+events of the phase before (it prints how many were still waiting and how long that took), so
+each is measured on a settled system, not on one still working off an overload. Prints throughput, p50/p95/p99, accepted/rejected counts and the
 number of double admissions found in the database (must be 0). The scanning service runs as its
 own process, as in production; servers come from VGE_*_URL or are started locally.
 """
@@ -131,6 +133,26 @@ async def double_admissions(dsn: str, org: uuid.UUID) -> int:
         await conn.close()
 
 
+async def settle(dsn: str, limit: float = 30.0) -> None:
+    """Wait until the service has published every event of the phase before (at most
+    ``limit`` s), so a phase is measured on a settled system, not on one still working off the
+    last phase's backlog; prints what it waited for."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        t0 = time.perf_counter()
+        first = None
+        while True:
+            backlog = await conn.fetchval("SELECT count(*) FROM scanning.outbox WHERE published_at IS NULL")
+            first = backlog if first is None else first
+            if backlog == 0 or time.perf_counter() - t0 > limit:
+                break
+            await asyncio.sleep(0.1)
+        print(f"settled: {first:,} events were still unpublished; waited {time.perf_counter() - t0:.1f}s"
+              + ("" if backlog == 0 else f" ({backlog:,} left)"), flush=True)
+    finally:
+        await conn.close()
+
+
 async def seed(js, org: uuid.UUID, event_id: uuid.UUID, tickets: int, dsn: str) -> list[str]:
     now = datetime.now(UTC)
     system = Actor.system("bench", org)
@@ -238,6 +260,7 @@ async def main() -> None:
         print(await service_figures(ports[0]), flush=True)
 
         # phase 2: fixed rate, open loop
+        await settle(urls["database_url"])
         lat2: list[float] = []
         tally2 = {"accepted": 0, "rejected": 0, "errors": 0}
         total = int(args.rate * args.rate_seconds)
@@ -253,6 +276,7 @@ async def main() -> None:
         report(f"fixed {args.rate:,.0f}/s", lat2, time.perf_counter() - t0, **tally2)
 
         # phase 3: one offline batch
+        await settle(urls["database_url"])
         batch_codes = list(cursor)[: args.offline]
         start = datetime.now(UTC) - timedelta(minutes=30)
         scans = [{"event_id": str(event_id), "ticket_code": c, "direction": "entry", "gate": "offline",

@@ -183,6 +183,9 @@ class OutboxRelay:
         while True:
             try:
                 await self._listen()
+                # cleared before the pass, not after it: a commit notified while this pass runs
+                # must start the next one at once, not wait out the poll interval
+                self._wakeup.clear()
                 published = await self.publish_pending()
                 backoff = 0.1
                 if published == self._batch_size:
@@ -190,7 +193,6 @@ class OutboxRelay:
                 if loop.time() - last_purge > 600:
                     last_purge = loop.time()
                     await self.purge_published()
-                self._wakeup.clear()
                 try:
                     # the poll interval covers a lost NOTIFY (e.g. listener reconnecting)
                     await asyncio.wait_for(self._wakeup.wait(), self._poll_interval)

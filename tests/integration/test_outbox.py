@@ -143,3 +143,40 @@ async def test_two_relays_share_the_outbox_without_duplicates(pool, schema, nc):
     await asyncio.gather(drain(0), drain(1))
     assert sum(counts) == 300
     assert len(await _stream_messages(js, f"vge.evt.{org}.>")) == 300
+
+
+async def test_an_event_committed_during_a_relay_pass_is_published_at_once(pool, schema, nc):
+    """The commit's NOTIFY arrives while the relay is still publishing the batch before: the
+    relay must go round again at once, not wait for its poll (30 s here)."""
+    js = nc.jetstream()
+    await ensure_streams(js)
+    org = uuid.uuid4()
+    relay = OutboxRelay(pool, js, schema, poll_interval=30.0)
+    original = relay.publish_pending
+    passes = 0
+
+    async def pass_during_which_another_event_commits() -> int:
+        nonlocal passes
+        passes += 1
+        published = await original()
+        if passes == 2:  # the pass that published the first event: now the second commits
+            async with tenant_transaction(pool, org) as conn:
+                await add_events(conn, schema, [_event(org, 2)])
+            await asyncio.sleep(0.3)  # its NOTIFY is in before this pass ends
+        return published
+
+    relay.publish_pending = pass_during_which_another_event_commits  # type: ignore[method-assign]
+    relay.start()
+    try:
+        await asyncio.sleep(0.3)  # the first pass found nothing; the relay is listening
+        async with tenant_transaction(pool, org) as conn:
+            await add_events(conn, schema, [_event(org, 1)])
+
+        async def both_published():
+            async with pool.acquire() as conn:
+                return await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 2
+
+        await _wait_for(both_published, timeout=5.0)
+    finally:
+        await relay.stop()
+    assert len(await _stream_messages(js, f"vge.evt.{org}.>")) == 2
