@@ -150,12 +150,6 @@ class ServiceRuntime:
             self._consumers.append(consumer)
         await self.router.start(self.nc)
         await self._start_http()
-        # What start-up built (modules, models, pools) lives as long as the process: keep it out
-        # of every collection. And collect young objects every 50,000 allocations, not 700: a
-        # 10,000-scan upload allocates ~1M objects, and the default thresholds spent a tenth of
-        # its time in ~230 collections, two of them over the whole heap.
-        gc.freeze()
-        gc.set_threshold(*s.gc_thresholds)
         self.log.info(
             "service_started",
             migrations_applied=applied,
@@ -220,8 +214,20 @@ class ServiceRuntime:
         if starting.exception() is not None:
             stopping.cancel()
             starting.result()  # start-up failed: raise it
+        self._tune_gc()
         await stopping
         await self._stop_within_deadline()
+
+    def _tune_gc(self) -> None:
+        """What start-up built (modules, models, pools) lives as long as the process: keep it
+        out of every collection. And collect young objects every 50,000 allocations, not 700: a
+        10,000-scan upload allocates ~1M objects, and the default thresholds spent a tenth of
+        its time in ~230 collections, two of them over the whole heap. Process-wide, so done
+        here, in the process's own entry point, not in ``start`` (tests start services
+        in-process)."""
+        gc.collect()  # what is garbage now must not be frozen with the rest
+        gc.freeze()
+        gc.set_threshold(*self.settings.gc_thresholds)
 
     async def _stop_within_deadline(self) -> None:
         try:
