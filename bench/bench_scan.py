@@ -6,9 +6,10 @@
 Phases: (1) flat out with N concurrent devices; (2) a fixed rate (open loop: latency includes
 queueing); (3) one offline batch. Phases 2 and 3 start once the service has published the
 events of the phase before (it prints how many were still waiting and how long that took), so
-each is measured on a settled system, not on one still working off an overload. Prints throughput, p50/p95/p99, accepted/rejected counts and the
-number of double admissions found in the database (must be 0). The scanning service runs as its
-own process, as in production; servers come from VGE_*_URL or are started locally.
+each is measured on a settled system, not on one still working off an overload. Prints
+throughput, p50/p95/p99, accepted/rejected counts and the number of double admissions found in
+the database (must be 0). The scanning service runs as its own process, as in production;
+servers come from VGE_*_URL or are started locally.
 """
 
 from __future__ import annotations
