@@ -7,7 +7,8 @@ callers fall back to PostgreSQL instead of stalling.
 
 from __future__ import annotations
 
-from typing import Sequence
+from itertools import islice
+from typing import Iterable, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -71,19 +72,21 @@ class RedisStore:
         except _DOWN:
             return False
 
-    async def claim_only(self, items: Sequence[tuple[str, str]], ttl_seconds: int) -> None:
+    async def claim_only(self, items: Iterable[tuple[str, str]], ttl_seconds: int) -> None:
         """``SET NX EX`` for many keys, without reading the holders back."""
         await self._set_all(items, ttl_seconds, only_new=True)
 
-    async def set_many(self, items: Sequence[tuple[str, str]], ttl_seconds: int) -> None:
+    async def set_many(self, items: Iterable[tuple[str, str]], ttl_seconds: int) -> None:
         """Set many keys with an expiry."""
         await self._set_all(items, ttl_seconds, only_new=False)
 
-    async def _set_all(self, items: Sequence[tuple[str, str]], ttl_seconds: int, *, only_new: bool) -> None:
+    async def _set_all(self, items: Iterable[tuple[str, str]], ttl_seconds: int, *, only_new: bool) -> None:
+        # ``items`` is taken a chunk at a time: a lazy iterable (e.g. of values still to encode)
+        # is built only as each chunk is sent, so a big batch never holds the event loop
         mode = "nx" if only_new else "set"
+        remaining = iter(items)
         try:
-            for start in range(0, len(items), _SET_CHUNK):
-                chunk = items[start : start + _SET_CHUNK]
+            while chunk := list(islice(remaining, _SET_CHUNK)):
                 await self._set_each(
                     keys=[key for key, _ in chunk], args=[mode, ttl_seconds, *(value for _, value in chunk)]
                 )

@@ -58,7 +58,7 @@ class AccessControl:
         org = _tenant(ctx)
         authorize(ctx.actor, Action.SCAN_SUBMIT, Resource("event", org, str(cmd.event_id)))
         nonce = cmd.nonce or f"srv-{uuid.uuid4()}"
-        item = self._scan_item(ctx, org, str(cmd.event_id), cmd.ticket_code, cmd.direction, cmd.gate,
+        item = self._scan_item(ctx, str(cmd.event_id), cmd.ticket_code, cmd.direction, cmd.gate,
                                cmd.zone, nonce, cmd.scanned_at, cmd.device_event_id)
         if cmd.direction is Direction.ENTRY:
             self._mark_if_duplicate(item, self.cache.get(org, cmd.ticket_code))  # tier 1
@@ -82,7 +82,7 @@ class AccessControl:
         items = []
         for i in order:
             s = cmd.scans[i]
-            item = self._scan_item(ctx, org, event_ids[s.event_id], s.ticket_code, s.direction, s.gate,
+            item = self._scan_item(ctx, event_ids[s.event_id], s.ticket_code, s.direction, s.gate,
                                    s.zone, s.nonce, s.scanned_at, cmd.device_event_id, actor)
             item.update(offline=True, device_result=s.device_result, i=i)
             items.append(item)
@@ -160,7 +160,7 @@ class AccessControl:
 
     @staticmethod
     def _scan_item(
-        ctx: CommandContext, org: UUID, event_id: str, code: str, direction: Direction,
+        ctx: CommandContext, event_id: str, code: str, direction: Direction,
         gate: str | None, zone: str | None, nonce: str, scanned_at: datetime | None,
         device_event_id: UUID | None, actor: dict[str, Any] | None = None,
     ) -> dict[str, Any]:

@@ -26,9 +26,6 @@ __all__ = ["AdmissionClaims"]
 
 log = get_logger(__name__)
 
-CLAIM_CHUNK = 500  # admissions encoded and sent at a time
-
-
 class AdmissionClaims:
     """Bulk reads and writes of admission claims, one round trip per batch."""
 
@@ -58,15 +55,14 @@ class AdmissionClaims:
         if not (admissions or replaced) or self._store is None or not self._breaker.closed:
             return
         try:
-            # encoded a chunk at a time, each sent before the next is built: an upload's 10,000
-            # admissions encoded in one go held the event loop (and the upload's reply) ~0.1 s
-            for items, write in ((admissions, self._store.claim_only), (replaced, self._store.set_many)):
-                for start in range(0, len(items), CLAIM_CHUNK):
-                    await write(
-                        [(claim_key(org, code), encode_admission(a))
-                         for org, code, a in items[start : start + CLAIM_CHUNK]],
-                        self._window,
-                    )  # fmt: skip
+            # lazily: the store encodes a chunk as it sends it (an upload's 10,000 admissions
+            # encoded in one go held the event loop, and the upload's reply, ~0.1 s)
+            await self._store.claim_only(
+                ((claim_key(org, code), encode_admission(a)) for org, code, a in admissions), self._window
+            )
+            await self._store.set_many(
+                ((claim_key(org, code), encode_admission(a)) for org, code, a in replaced), self._window
+            )
         except RedisUnavailable as exc:
             self._down(exc)
 
