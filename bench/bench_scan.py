@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import os
 import shutil
 import random
@@ -28,7 +27,6 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import httpx
@@ -45,6 +43,7 @@ from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.servers import free_port, resolve_server_urls  # noqa: E402
 from libs.settings import Settings  # noqa: E402
+from loadgen import PresignedContexts  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -76,32 +75,6 @@ async def wait_healthy(urls: list[str], timeout: float = 30.0) -> None:
                 except httpx.HTTPError:
                     pass
                 await asyncio.sleep(0.1)
-
-
-class PresignedContexts:
-    """A signer whose contexts were signed before the clock started (``--presign``): the load
-    generator then spends its CPU on sending scans, not on the gateway's Ed25519 signing, which
-    shares these two cores with the service under test (bench_http_scan.py measures the gateway
-    with its signing). Falls back to signing on the spot when a pool runs dry."""
-
-    def __init__(self, signer: ContextSigner) -> None:
-        self._signer = signer
-        self._pools: dict[tuple[str, str], collections.deque[tuple[Any, str]]] = {}
-
-    def fill(self, actors: list[Actor], org: uuid.UUID, subject: str, per_actor: int, ttl: float) -> None:
-        for actor in actors:
-            pool = self._pools.setdefault((actor.user_id, subject), collections.deque())
-            for _ in range(per_actor):
-                pool.append(self._signer.issue(actor=actor, org_id=org, subject=subject,
-                                               correlation_id=uuid.uuid4().hex, ttl_seconds=ttl))
-
-    def issue(self, *, actor: Actor, org_id: Any, subject: str, correlation_id: str,
-              ttl_seconds: float) -> tuple[Any, str]:
-        pool = self._pools.get((actor.user_id, subject))
-        if pool:
-            return pool.popleft()
-        return self._signer.issue(actor=actor, org_id=org_id, subject=subject,
-                                  correlation_id=correlation_id, ttl_seconds=ttl_seconds)
 
 
 async def service_figures(port: int) -> str:
