@@ -184,3 +184,14 @@ async def test_tier2_writes_after_the_decision_and_a_failure_is_only_logged():
         await access.drain()
     assert len(written) == 1 and written[0][0][0][1] == "TKT-1"
     assert any(e["event"] == "admission_claims_failed" for e in logs)
+
+
+async def test_batcher_never_leaves_a_scan_without_an_answer_when_a_decision_is_missing():
+    async def decide(org, now, scans):
+        return [{"i": s["i"]} for s in scans[1:]]  # (a bug) the first scan's decision is missing
+
+    batcher = DecisionBatcher(decide)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(batcher.submit(ORG, {}) for _ in range(3)), return_exceptions=True), 2.0
+    )
+    assert all(isinstance(o, RuntimeError) for o in outcomes), outcomes

@@ -34,16 +34,15 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Awaitable, Callable, Generic, Protocol, TypeVar
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 
 from libs.actor import Actor
+from libs.batching import TenantBatches
 from libs.db import create_pool, rollback_quietly, tenant_transaction_on
 from libs.envelope import Envelope
-from libs.errors import Unavailable
-from libs.log import get_logger
 from libs.outbox import outbox_rows
 from services.payments.domain.checkout import (
     CheckoutStatus,
@@ -183,8 +182,6 @@ class CompletionClaim:
     causation_id: str | None
 
 
-log = get_logger(__name__)
-
 _CHECKOUT_COLUMNS = """
        c.organization_id, c.id, c.event_id, c.status, c.total, c.currency, c.expires_at,
        c.completion_key, c.charge_id, c.refund_id, c.failure_reason, c.completion, c.refund,
@@ -323,13 +320,13 @@ class PaymentsStore:
         # re-checks price, currency, code and event under the row lock anyway.
         self._catalog: OrderedDict[tuple[UUID, UUID], dict[str, HeldItem]] = OrderedDict()
         # checkouts waiting to be created, per tenant, and the task creating them
-        self._creates: _TenantBatches[_NewCheckout] = _TenantBatches(
-            "create", self._create_many, self._create_one, lambda _, outcome: outcome,
-            limit=_CREATE_BATCH, interrupted="checkout not created; retry")
+        self._creates: TenantBatches[_NewCheckout] = TenantBatches(
+            "create", self._create_many, one=self._create_one, limit=_CREATE_BATCH,
+            interrupted="checkout not created; retry")
         # sagas waiting to be finished, per tenant, and the task finishing them
         # (interrupted: the outcome is unknown, the resumer settles it)
-        self._finishes: _TenantBatches[_Finish] = _TenantBatches(
-            "finish", self._finish_many, self._finish_alone, self._finished,
+        self._finishes: TenantBatches[_Finish] = TenantBatches(
+            "finish", self._finish_many, one=self._finish_alone, accept=self._finished,
             limit=_FINISH_BATCH, interrupted="completion outcome unknown; retry",
             # finishes share no row (each its own checkout, holds and tickets): two at once
             in_flight=2)
@@ -513,10 +510,8 @@ class PaymentsStore:
         ``create_key`` was used before (then nothing is written). Raises ``SoldOut`` or
         ``CatalogChanged`` (nothing written for this checkout)."""
         new = _NewCheckout(checkout_id, event_id, customer_email, total, expires_at, tuple(items),
-                           create_key, _own_outbox_rows(org_id, events),
-                           asyncio.get_running_loop().create_future())  # fmt: skip
-        self._creates.submit(org_id, new)
-        return await asyncio.shield(new.result)
+                           create_key, _own_outbox_rows(org_id, events))  # fmt: skip
+        return await asyncio.shield(self._creates.submit(org_id, new))
 
     async def _create_many(self, org_id: UUID, batch: Sequence[_NewCheckout]) -> list[Any]:
         item_of: list[int] = []
@@ -595,16 +590,16 @@ class PaymentsStore:
         error is this saga's own (a failed batch is retried saga by saga)."""
         ensure_transition(checkout.status, CheckoutStatus.COMPLETED)
         fin = _Finish(session, checkout, charge_id, entry, posted_at, tickets, issued_at,
-                      completion, tuple(events), asyncio.get_running_loop().create_future())  # fmt: skip
+                      completion, tuple(events))  # fmt: skip
         if checkout.status is not CheckoutStatus.CHARGING:  # (only charging is batched)
             return await self._finish_one(fin)
-        self._finishes.submit(checkout.organization_id, fin)
+        result = self._finishes.submit(checkout.organization_id, fin)
         try:
-            await asyncio.shield(fin.result)
+            await asyncio.shield(result)
         except asyncio.CancelledError:
             # the batch may be running on this session's connection: never hand it back to
             # the pool (or unlock on it) before that statement has ended
-            await asyncio.wait([fin.result])
+            await asyncio.wait([result])
             raise
 
     async def _finish_alone(self, org_id: UUID, f: _Finish) -> bool:
@@ -927,7 +922,6 @@ class _NewCheckout:
     items: tuple[HeldItem, ...]
     create_key: str | None
     outbox: tuple[list[Any], list[Any], list[str], list[bytes]]
-    result: asyncio.Future[Any]
 
 
 _FINISH_BATCH = 64
@@ -946,87 +940,6 @@ class _Finish:
     issued_at: datetime
     completion: dict[str, Any]
     events: tuple[Envelope, ...]
-    result: asyncio.Future[Any]
-
-
-class _Queued(Protocol):
-    result: asyncio.Future[Any]
-
-
-Q = TypeVar("Q", bound=_Queued)
-
-
-class _TenantBatches(Generic[Q]):
-    """Work of one tenant that arrives together goes together: while one statement is in
-    flight the next requests queue, then go as one batch (``many``); a request alone, or each
-    member of a batch that failed, goes on its own (``one``), so each gets its own answer.
-    ``in_flight`` batches of a tenant may be under way at once (more than one only for work that
-    shares no row between batches, or the second just waits for the first's locks)."""
-
-    def __init__(self, what: str, many: Callable[[UUID, list[Q]], Awaitable[Sequence[Any]]],
-                 one: Callable[[UUID, Q], Awaitable[Any]], accept: Callable[[Q, Any], Any], *,
-                 limit: int, interrupted: str, in_flight: int = 1) -> None:  # fmt: skip
-        self._what = what
-        self._many = many
-        self._one = one
-        self._accept = accept  # a batch's outcome for one member -> its answer
-        self._limit = limit
-        self._interrupted = interrupted
-        self._in_flight = in_flight
-        self._queued: dict[UUID, list[Q]] = {}
-        self._runners: dict[UUID, set[asyncio.Task[None]]] = {}
-
-    def submit(self, org_id: UUID, item: Q) -> None:
-        """Queue ``item``; its ``result`` future is settled when its batch is done."""
-        self._queued.setdefault(org_id, []).append(item)
-        runners = self._runners.setdefault(org_id, set())
-        if len(runners) < self._in_flight:
-            runners.add(asyncio.create_task(self._drain(org_id)))
-
-    async def _drain(self, org_id: UUID) -> None:
-        batch: list[Q] = []
-        try:
-            while batch := self._queued.pop(org_id, []):
-                if len(batch) > self._limit:
-                    self._queued[org_id] = batch[self._limit:] + self._queued.get(org_id, [])
-                    batch = batch[: self._limit]
-                if len(batch) > 1:
-                    try:
-                        outcomes = await self._many(org_id, batch)
-                    except Exception as exc:  # noqa: BLE001 - one by one: each its own answer
-                        log.warning(f"{self._what}_batch_failed", size=len(batch), error=repr(exc))
-                        outcomes = None
-                    if outcomes is not None:
-                        for item, outcome in zip(batch, outcomes):
-                            _settle(item.result, self._accept(item, outcome))
-                        batch = []
-                        continue
-                results = await asyncio.gather(*(self._one(org_id, item) for item in batch),
-                                               return_exceptions=True)  # fmt: skip
-                for item, outcome in zip(batch, results):
-                    _settle(item.result, outcome)
-                batch = []
-        finally:
-            runners = self._runners.get(org_id, set())
-            runners.discard(asyncio.current_task())  # type: ignore[arg-type]
-            # (only if this task was cancelled: nobody is left waiting forever; what is still
-            # queued is another runner's, unless this was the last one)
-            left = batch + (self._queued.pop(org_id, []) if not runners else [])
-            if not runners:
-                self._runners.pop(org_id, None)
-            for item in left:
-                _settle(item.result, Unavailable(self._interrupted))
-
-
-def _settle(result: asyncio.Future[Any], outcome: Any) -> None:
-    if result.done():
-        return
-    if isinstance(outcome, asyncio.CancelledError):  # (shutting down) not the waiter's own
-        result.set_exception(Unavailable("interrupted; retry"))
-    elif isinstance(outcome, BaseException):
-        result.set_exception(outcome)
-    else:
-        result.set_result(outcome)
 
 
 def _own_outbox_rows(org_id: UUID, events: Sequence[Envelope]) -> tuple[list[Any], list[Any], list[str], list[bytes]]:

@@ -6,14 +6,13 @@ so two batches never deadlock and a ticket in both is decided by the second afte
 
 from __future__ import annotations
 
-import asyncio
-from collections import defaultdict
 from datetime import datetime
 from typing import Any, Awaitable, Callable
 from uuid import UUID
 
 from prometheus_client import Histogram
 
+from libs.batching import TenantBatches
 from libs.envelope import utcnow
 
 __all__ = ["DecisionBatcher"]
@@ -32,57 +31,33 @@ Decide = Callable[[UUID, datetime, list[dict[str, Any]]], Awaitable[list[dict[st
 
 
 class DecisionBatcher:
-    """Queues scans per tenant and decides each queue's content in one call to ``decide``."""
+    """Queues scans per tenant and decides each queue's content in one call to ``decide``
+    (``libs.batching``); a failed call is every waiting scan's error."""
 
     def __init__(self, decide: Decide, *, max_batch: int = 256, in_flight: int = 2) -> None:
         self._decide = decide
-        self._max_batch = max_batch
-        self._in_flight = in_flight
-        self._queues: dict[UUID, list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]] = defaultdict(list)
-        self._flushing: dict[UUID, int] = defaultdict(int)  # batches under way per tenant
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._batches: TenantBatches[dict[str, Any]] = TenantBatches(
+            "decide", self._decide_batch, limit=max_batch, in_flight=in_flight,
+            interrupted="scan not decided; retry")  # fmt: skip
 
     async def submit(self, org_id: UUID, scan: dict[str, Any]) -> dict[str, Any]:
         """Decide one scan (batched with whatever else is waiting for the same tenant)."""
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._queues[org_id].append((scan, future))
-        if self._flushing[org_id] < self._in_flight:
-            self._flushing[org_id] += 1
-            task = asyncio.create_task(self._flush(org_id))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await future
-
-    async def _flush(self, org_id: UUID) -> None:
-        try:
-            while self._queues[org_id]:
-                queue = self._queues[org_id]
-                batch, self._queues[org_id] = queue[: self._max_batch], queue[self._max_batch :]
-                scans = []
-                for i, (scan, _) in enumerate(batch):
-                    scan["i"] = i  # (each scan is the batcher's own dict: no copy needed)
-                    scans.append(scan)
-                BATCH_SIZE.observe(len(batch))
-                try:
-                    with BATCH_SECONDS.time():
-                        decisions = await self._decide(org_id, utcnow(), scans)
-                except Exception as exc:  # noqa: BLE001 - every waiter gets the error
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for decision in decisions:
-                    fut = batch[decision["i"]][1]
-                    if not fut.done():
-                        fut.set_result(decision)
-        finally:
-            self._flushing[org_id] -= 1
-            if not self._flushing[org_id]:
-                del self._flushing[org_id]
-                if not self._queues.get(org_id):
-                    self._queues.pop(org_id, None)
+        return await self._batches.submit(org_id, scan)
 
     async def drain(self) -> None:
         """Wait for the batches under way (shutdown)."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=10.0)
+        await self._batches.drain()
+
+    async def _decide_batch(self, org_id: UUID, scans: list[dict[str, Any]]) -> list[Any]:
+        for i, scan in enumerate(scans):
+            scan["i"] = i  # (each scan is the batcher's own dict: no copy needed)
+        BATCH_SIZE.observe(len(scans))
+        with BATCH_SECONDS.time():
+            decisions = await self._decide(org_id, utcnow(), scans)
+        # the decisions come in the authority's order: put each at its scan's place
+        outcomes: list[Any] = [None] * len(scans)
+        for decision in decisions:
+            outcomes[decision["i"]] = decision
+        if any(o is None for o in outcomes):
+            raise RuntimeError(f"{len(decisions)} decisions for {len(scans)} scans")
+        return outcomes
