@@ -24,6 +24,7 @@ __all__ = [
     "DeviceEnrolled",
     "DeviceTokenRolled",
     "DeviceRevoked",
+    "OrganizationReadByPlatform",
 ]
 
 
@@ -94,3 +95,16 @@ class DeviceRevoked(_GatewayEvent):
 
     device_id: UUID
     revoked_at: datetime
+
+
+class OrganizationReadByPlatform(_GatewayEvent):
+    """A platform actor (admin or staff) read a tenant's data through the API (design §4: a
+    read across tenants is itself audited). Recorded before the read is served: no record, no
+    read. The tenant's own audit log shows it."""
+
+    event_type: ClassVar[str] = "organization.read_by_platform"
+
+    organization_id: UUID
+    method: str
+    path: str
+    query: str = Field(default="", description="the request's query string, as sent")

@@ -301,7 +301,18 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
         # ``credentials`` only documents the scheme in OpenAPI; the header is parsed here
         p = await gw.auth.authenticate(request.headers.get("authorization"))
         await gw.limits.check(p.credential_id)
+        if request.method == "GET" and (p.actor.is_platform_admin or p.actor.is_platform_staff):
+            await audit_platform_read(request, p)
         return p
+
+    async def audit_platform_read(request: Request, p: Principal) -> None:
+        # Design §4: a read across tenants is itself audited. The event commits before the
+        # read is served (no record, no read), in the tenant's own audit log.
+        org = tenant(request, p)
+        if org == p.actor.organization_id:
+            return  # a platform actor's own organization: an ordinary read
+        await gw.store.record_platform_read(org, p.actor, request.method, request.url.path,
+                                            request.url.query, _correlation(request))  # fmt: skip
 
     def tenant(request: Request, p: Principal) -> UUID:
         return p.tenant(request.headers.get(TENANT_HEADER))

@@ -23,6 +23,7 @@ from libs.contracts.gateway import (
     DeviceRevoked,
     DeviceTokenRolled,
     OrganizationCreated,
+    OrganizationReadByPlatform,
 )
 from libs.runtime import MissingConfiguration, ServiceRuntime, configure_service_logging
 from libs.settings import Settings, get_settings
@@ -55,7 +56,8 @@ def build(settings: Settings) -> ServiceRuntime:
     runtime = ServiceRuntime(SERVICE, settings, migrations_dir=MIGRATIONS, http_app=app,
                              http_port=settings.gateway_port)  # fmt: skip
     runtime.publishes(OrganizationCreated, ApiKeyCreated, ApiKeyRevoked, DeviceRegistered,
-                      DeviceEnrolled, DeviceTokenRolled, DeviceRevoked)  # fmt: skip
+                      DeviceEnrolled, DeviceTokenRolled, DeviceRevoked,
+                      OrganizationReadByPlatform)  # fmt: skip
     install_error_handlers(app)
     # the edge wraps everything, also the runtime's /healthz and /metrics
     app.add_middleware(Edge, max_body=settings.max_request_bytes)

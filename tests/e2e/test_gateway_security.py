@@ -201,3 +201,30 @@ async def test_an_open_occupancy_stream_ends_when_its_credential_is_revoked(tena
 
         data = await asyncio.wait_for(until_error(), 10)  # heartbeat is 1 s in these tests
         assert '"unauthenticated"' in data and '"revoked"' in data
+
+
+async def test_a_platform_admins_read_of_a_tenant_is_in_that_tenants_audit_log(tenant, platform):
+    s = platform.settings
+    admin = jwt.encode({"sub": "ops-1", "platform_admin": True, "iss": s.jwt_issuer,
+                        "exp": int(time.time()) + 60}, s.jwt_hs256_secret, algorithm="HS256")
+    corr = f"platform-read-{uuid.uuid4().hex[:8]}"
+    as_admin = {"Authorization": f"Bearer {admin}", "Vge-Organization-Id": str(tenant.org),
+                "X-Correlation-Id": corr}
+    r = await tenant.http.get("/v1/ledger/balances", headers=as_admin)
+    assert r.status_code == 200, r.text  # it may read the tenant's data ...
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:  # ... and the tenant sees that it did (the audit log catches up from JetStream)
+        records = (await tenant.get("/v1/audit", correlation_id=corr)).json()["records"]
+        if records:
+            break
+        assert asyncio.get_running_loop().time() < deadline, "the platform read was not audited"
+        await asyncio.sleep(0.2)
+    [record] = records
+    assert record["action"] == "organization.read_by_platform"
+    assert record["organization_id"] == str(tenant.org)
+    assert record["actor"]["user_id"] == "ops-1" and record["actor"]["is_platform_admin"] is True
+    assert record["change"]["path"] == "/v1/ledger/balances"
+    # a tenant that does not exist is not there for it either, and nothing is served
+    nowhere = {**as_admin, "Vge-Organization-Id": str(uuid.uuid4())}
+    r = await tenant.http.get("/v1/audit", headers=nowhere)
+    assert r.status_code == 404 and r.json()["code"] == "not_found", r.text

@@ -21,6 +21,7 @@ from libs.contracts.gateway import (
     DeviceRevoked,
     DeviceTokenRolled,
     OrganizationCreated,
+    OrganizationReadByPlatform,
 )
 from libs.db import tenant_transaction
 from libs.envelope import Envelope, new_id, utcnow
@@ -104,6 +105,17 @@ class GatewayStore:
             key = await self._insert_api_key(conn, org, "owner key", Role.OWNER, actor,
                                              correlation_id)  # fmt: skip
         return org, key[1]
+
+    async def record_platform_read(self, org: UUID, actor: Actor, method: str, path: str,
+                                   query: str, correlation_id: str) -> None:
+        """Queue the audit event of a platform actor's read of ``org``'s data, committed
+        before the read is served; ``NotFound`` if there is no such organization."""
+        event = OrganizationReadByPlatform(organization_id=org, method=method, path=path,
+                                           query=query)  # fmt: skip
+        async with tenant_transaction(self._pool, org) as conn:
+            if await conn.fetchval("SELECT 1 FROM organizations WHERE organization_id = $1", org) is None:
+                raise NotFound("organization not found")
+            await self._events(conn, [event.envelope(org, actor, correlation_id)])
 
     # -- API keys ----------------------------------------------------------------------------
 
