@@ -301,7 +301,8 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
         # ``credentials`` only documents the scheme in OpenAPI; the header is parsed here
         p = await gw.auth.authenticate(request.headers.get("authorization"))
         await gw.limits.check(p.credential_id)
-        if request.method == "GET" and (p.actor.is_platform_admin or p.actor.is_platform_staff):
+        platform = p.actor.is_platform_admin or p.actor.is_platform_staff
+        if platform and request.method in ("GET", "HEAD"):
             await audit_platform_read(request, p)
         return p
 

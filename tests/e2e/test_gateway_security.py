@@ -228,3 +228,21 @@ async def test_a_platform_admins_read_of_a_tenant_is_in_that_tenants_audit_log(t
     nowhere = {**as_admin, "Vge-Organization-Id": str(uuid.uuid4())}
     r = await tenant.http.get("/v1/audit", headers=nowhere)
     assert r.status_code == 404 and r.json()["code"] == "not_found", r.text
+
+
+async def test_a_platform_read_that_cannot_be_recorded_is_not_served(tenant, platform, monkeypatch):
+    from services.gateway.adapters.postgres import GatewayStore
+
+    async def database_gone(self, *args, **kwargs):
+        raise ConnectionRefusedError("gateway database down")
+
+    monkeypatch.setattr(GatewayStore, "record_platform_read", database_gone)
+    s = platform.settings
+    admin = jwt.encode({"sub": "ops-2", "platform_admin": True, "iss": s.jwt_issuer,
+                        "exp": int(time.time()) + 60}, s.jwt_hs256_secret, algorithm="HS256")
+    r = await tenant.http.get("/v1/ledger/balances", headers={
+        "Authorization": f"Bearer {admin}", "Vge-Organization-Id": str(tenant.org)})
+    assert r.status_code == 503 and r.json()["code"] == "unavailable", r.text
+    assert "accounts" not in r.json()
+    # the tenant's own reads are not recorded, so they do not depend on it
+    assert (await tenant.get("/v1/ledger/balances")).status_code == 200
