@@ -100,15 +100,19 @@ class RawConnection:
 
 
 class RawDevice:
-    """A gate device with its token, on keep-alive connections of its own."""
+    """A gate device with its token, on keep-alive connections of its own: at most
+    ``connections`` scans in flight (a gate app sends one at a time; when scans come faster
+    than answers, the next one waits on the device, and its latency, counted from when it was
+    due, says so), not a new connection for every scan that finds the last one busy."""
 
     IDLE_SECONDS = 4.0  # below uvicorn's keep-alive timeout (5 s): it closes idle connections
 
-    def __init__(self, port: int, token: str, gate: str) -> None:
+    def __init__(self, port: int, token: str, gate: str, connections: int = 1) -> None:
         self.port, self.gate = port, gate
         self.head = (f"POST /v1/scans HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
                      f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n").encode()
         self.idle: list[tuple[RawConnection, float]] = []
+        self.slots = asyncio.Semaphore(connections)
 
     async def _connection(self) -> tuple[RawConnection, bool]:
         while self.idle:
@@ -119,6 +123,10 @@ class RawDevice:
         return await RawConnection.open(self.port), False
 
     async def scan(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        async with self.slots:
+            return await self._scan(body)
+
+    async def _scan(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         payload = json.dumps(body).encode()
         conn, reused = await self._connection()
         try:
@@ -280,6 +288,8 @@ async def main() -> None:
     ap.add_argument("--duplicates", type=float, default=0.1, help="share of scans re-scanning a ticket")
     ap.add_argument("--tickets", type=int, default=0, help="tickets to seed (default: enough)")
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw")
+    ap.add_argument("--connections-per-device", type=int, default=1,
+                    help="scans a device may have in flight (raw client), each on its own connection")
     ap.add_argument("--gateways", type=int, default=1, help="gateway processes (devices spread over them)")
     ap.add_argument("--replicas", type=int, default=1, help="scanning service processes")
     ap.add_argument("--profile", type=Path, help="py-spy the services in the flat-out phase, into DIR")
@@ -347,7 +357,8 @@ async def main() -> None:
                        for p in gw_ports}
             devices = [HttpxDevice(clients[port], token, gate) for port, token, gate in enrolled]
         else:
-            devices = [RawDevice(port, token, gate) for port, token, gate in enrolled]
+            devices = [RawDevice(port, token, gate, args.connections_per_device)
+                       for port, token, gate in enrolled]  # fmt: skip
         speedups = [m for m in ("httptools", "uvloop") if importlib.util.find_spec(m) is not None]
         print(f"importable speedups: {', '.join(speedups) or 'none'} (uvicorn takes httptools when "
               f"importable; services on uvloop: {'yes' if args.uvloop else 'no'})", flush=True)
