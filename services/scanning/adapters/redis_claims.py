@@ -26,6 +26,7 @@ __all__ = ["AdmissionClaims"]
 
 log = get_logger(__name__)
 
+
 class AdmissionClaims:
     """Bulk reads and writes of admission claims, one round trip per batch."""
 
