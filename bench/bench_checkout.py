@@ -55,7 +55,7 @@ from libs.errors import DomainError  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.servers import LocalServers, free_port  # noqa: E402
 from libs.settings import Settings  # noqa: E402
-from loadgen import PresignedContexts  # noqa: E402
+from loadgen import PresignedContexts, settle_heap  # noqa: E402
 
 PRICE = 25_000
 
@@ -254,6 +254,7 @@ async def run(args: argparse.Namespace) -> None:
         for _ in range(20):  # warm up connections and code paths
             await bench.checkout()
 
+        settle_heap()
         report(f"phase 1: {args.clients} concurrent clients, flat out, {args.duration:.0f} s",
                await flat_out(bench, args.clients, args.duration))
         await settle(urls["database_url"])
@@ -263,6 +264,7 @@ async def run(args: argparse.Namespace) -> None:
             # once per connection, not per checkout: keep it out of the measured phase.
             warm = await fixed_rate(bench, args.rate, args.warmup)
             print(f"\nwarm-up: {warm['completed']} checkouts at {args.rate:.0f}/s (not measured)")
+        settle_heap()
         report(f"phase 2: fixed arrival rate {args.rate:.0f}/s, {args.rate_duration:.0f} s",
                await fixed_rate(bench, args.rate, args.rate_duration))
 

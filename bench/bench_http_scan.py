@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_scan import double_admissions, pct, report, seed, wait_healthy  # noqa: E402
+from loadgen import settle_heap  # noqa: E402
 
 from libs.context import generate_key_pair  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
@@ -437,6 +438,7 @@ async def main() -> None:
                     await scan_one(dev, lat, tally)
 
             print(f"flat out for {args.seconds:.0f}s ...", flush=True)
+            settle_heap()
             seen0 = await scrape(probe, service_ports)
             cpu0, t0 = meter.sample(), time.perf_counter()
             await asyncio.gather(*(device_loop(d) for d in devices))
@@ -457,6 +459,7 @@ async def main() -> None:
             tally2: Counter = Counter()
             total = int(args.rate * args.rate_seconds)
             tasks = []
+            settle_heap()
             cpu0, t0 = meter.sample(), time.perf_counter()
             late = 0
             seen0 = await scrape(probe, service_ports)

@@ -43,7 +43,7 @@ from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.servers import free_port, resolve_server_urls  # noqa: E402
 from libs.settings import Settings  # noqa: E402
-from loadgen import PresignedContexts  # noqa: E402
+from loadgen import PresignedContexts, settle_heap  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -77,8 +77,8 @@ async def wait_healthy(urls: list[str], timeout: float = 30.0) -> None:
                 await asyncio.sleep(0.1)
 
 
-async def service_figures(port: int) -> str:
-    """Means of the service's own histograms (batch size, batch time, command time)."""
+async def service_sums(port: int) -> dict[str, float]:
+    """The sums and counts of the service's own histograms, as they stand now."""
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
     sums: dict[str, float] = {}
@@ -87,6 +87,15 @@ async def service_figures(port: int) -> str:
             name, _, value = line.rpartition(" ")
             key = name.split("{")[0]
             sums[key] = sums.get(key, 0.0) + float(value)
+    return sums
+
+
+async def service_figures(port: int, before: dict[str, float] | None = None) -> str:
+    """Means of the service's own histograms (batch size, batch time, command time), over
+    what it did since ``before`` (``service_sums``) or since it started."""
+    sums = await service_sums(port)
+    for key, value in (before or {}).items():
+        sums[key] = sums.get(key, 0.0) - value
 
     def mean(metric: str) -> float:
         return sums.get(f"{metric}_sum", 0.0) / max(sums.get(f"{metric}_count", 0.0), 1.0)
@@ -228,6 +237,7 @@ async def main() -> None:
                 await scan_one(dev, lat, tally)
 
         print(f"flat out for {args.seconds:.0f}s (service pid {service.pid}) ...", flush=True)
+        settle_heap()
         t0 = time.perf_counter()
         await asyncio.gather(*(device_loop(d) for d in devices))
         report(f"flat out, {args.devices} devices", lat, time.perf_counter() - t0, **tally)
@@ -239,6 +249,8 @@ async def main() -> None:
         tally2 = {"accepted": 0, "rejected": 0, "errors": 0}
         total = int(args.rate * args.rate_seconds)
         tasks = []
+        before = await service_sums(ports[0])
+        settle_heap()
         t0 = time.perf_counter()
         for i in range(total):
             due = t0 + i / args.rate
@@ -248,6 +260,7 @@ async def main() -> None:
             tasks.append(asyncio.create_task(scan_one(devices[i % len(devices)], lat2, tally2)))
         await asyncio.gather(*tasks)
         report(f"fixed {args.rate:,.0f}/s", lat2, time.perf_counter() - t0, **tally2)
+        print(await service_figures(ports[0], before), flush=True)
 
         # phase 3: one offline batch
         await settle(urls["database_url"])
@@ -256,6 +269,7 @@ async def main() -> None:
         scans = [{"event_id": str(event_id), "ticket_code": c, "direction": "entry", "gate": "offline",
                   "nonce": uuid.uuid4().hex, "scanned_at": (start + timedelta(milliseconds=n)).isoformat()}
                  for n, c in enumerate(batch_codes)]
+        settle_heap()
         t0 = time.perf_counter()
         reply = await client.request("vge.cmd.scanning.sync", {"scans": scans}, actor=devices[0], org_id=org,
                                      correlation_id="offline", timeout=60)

@@ -113,19 +113,19 @@ class OutboxRelay:
                     OUTBOX_PENDING.labels(self._schema).set(0)
                     return 0
                 OUTBOX_PENDING.labels(self._schema).set(len(rows))
-                # Publish the batch concurrently; if any fails the transaction rolls back and
-                # the whole batch is retried; JetStream drops the ones it already has.
-                await asyncio.gather(
-                    *(
-                        self._js.publish(
-                            r["subject"],
-                            r["payload"],
-                            timeout=self._publish_timeout,
-                            headers={"Nats-Msg-Id": str(r["event_id"])},
-                        )
-                        for r in rows
+                # Publish the batch, then wait for every ack; if any fails the transaction rolls
+                # back and the whole batch is retried; JetStream drops the ones it already has.
+                # (publish_async: one future per message answered through one inbox
+                # subscription; a request per message, as ``publish`` does, costs a task and a
+                # timer each, and this runs in the event loop of the service whose commands
+                # wrote the rows: at 1,000 scans/s, 1,000 events/s)
+                acks = [
+                    await self._js.publish_async(
+                        r["subject"], r["payload"], headers={"Nats-Msg-Id": str(r["event_id"])}
                     )
-                )
+                    for r in rows
+                ]
+                await asyncio.wait_for(asyncio.gather(*acks), self._publish_timeout)
                 await conn.execute(
                     "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
                     [r["id"] for r in rows],
@@ -160,7 +160,11 @@ class OutboxRelay:
         if self._listen_conn is not None and not self._listen_conn.is_closed():
             return
         conn = await self._pool.acquire()
-        await conn.add_listener(self._channel, self._on_notify)
+        try:
+            await conn.add_listener(self._channel, self._on_notify)
+        except BaseException:
+            await self._pool.release(conn)
+            raise
         self._listen_conn = conn
 
     @property
@@ -174,9 +178,11 @@ class OutboxRelay:
         conn, self._listen_conn = self._listen_conn, None
         if conn is not None:
             try:
-                await conn.remove_listener(self._channel, self._on_notify)
+                await conn.remove_listener(self._channel, self._on_notify)  # sends UNLISTEN
             except Exception:  # noqa: BLE001 - the connection may already be gone
-                pass
+                # the pool does not reset what it gets back: never pool a connection that may
+                # still be listening
+                conn.terminate()
             try:
                 await self._pool.release(conn)
             except Exception:  # noqa: BLE001

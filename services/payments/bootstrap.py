@@ -90,8 +90,7 @@ def build(
         dsn = settings.service_database_url or service_dsn(
             settings.database_url, SERVICE, settings.db_role_password
         )
-        # the store's own pool, without asyncpg's reset round trip on every release (the
-        # runtime's pool keeps serving the outbox relay and the health check)
+        # the store's own pool: sagas never wait behind the outbox relay or the health check
         store_pool.append(await create_store_pool(dsn))
         store.attach(store_pool[0])
         if fake is not None:

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import asyncpg
 import nats
 import pytest
 from nats.js.api import StreamConfig
@@ -180,3 +181,34 @@ async def test_an_event_committed_during_a_relay_pass_is_published_at_once(pool,
     finally:
         await relay.stop()
     assert len(await _stream_messages(js, f"vge.evt.{org}.>")) == 2
+
+
+async def test_a_stopped_relay_leaves_no_pooled_connection_listening(admin_dsn, schema, nc, monkeypatch):
+    # The pool hands connections back without asyncpg's reset query (no UNLISTEN *): the relay
+    # must unlisten itself, or drop its connection when it cannot.
+    await migrate(admin_dsn, schema, None, role_password=PASSWORD)
+    pool = await create_pool(service_dsn(admin_dsn, schema, PASSWORD), schema=schema, min_size=2, max_size=2)
+    try:
+        for broken in (False, True):
+            relay = OutboxRelay(pool, nc.jetstream(), schema, poll_interval=0.2)
+            relay.start()
+            listening = await _wait_for(lambda: _listen_conn_of(relay))
+            assert [r[0] for r in await listening.fetch("SELECT pg_listening_channels()")] == [
+                f"vge_outbox_{schema}"]
+            if broken:
+                async def fail(*_):
+                    raise ConnectionError("connection lost while unlistening")
+                monkeypatch.setattr(asyncpg.Connection, "remove_listener", fail)
+            await relay.stop()
+            async with pool.acquire() as a, pool.acquire() as b:  # every pooled connection
+                for conn in (a, b):
+                    assert await conn.fetch("SELECT pg_listening_channels()") == []
+                    if broken:
+                        assert conn is not listening
+    finally:
+        await pool.close()
+
+
+async def _listen_conn_of(relay: OutboxRelay):
+    conn = relay._listen_conn
+    return conn if conn is not None else None

@@ -21,7 +21,7 @@ event), ``checkout_open`` (saga lock + pending -> charging), the processor's cha
 finishes of one tenant go together in one statement (``checkout_create_many``,
 ``checkout_finish_many``) while the previous one is in flight, so under load a commit carries
 many checkouts; each still succeeds or fails on its own. The store's pool skips asyncpg's
-reset query on release (``create_store_pool``). The other steps (compensation, refunds,
+reset query on release (``libs.db.create_pool``). The other steps (compensation, refunds,
 resuming sagas found in ``charged`` or ``posted``) keep their multi-statement transactions.
 """
 
@@ -291,18 +291,11 @@ class SagaSession:
         await rollback_quietly(self.conn)
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool reset that sends nothing (asyncpg still rolls back an open transaction first)."""
-
-
 async def create_store_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
-    """The store's own pool: as ``libs.db.create_pool``, without asyncpg's reset query on
-    every release (one round trip per use). Nothing here keeps session state: the tenant is
-    transaction-local, nothing LISTENs, no cursor outlives its transaction, and the one session
-    lock (the saga lock) is released by ``saga_session`` or its connection is dropped."""
-    return await create_pool(
-        dsn, schema=SERVICE_SCHEMA, min_size=min_size, max_size=max_size, reset=_keep_session
-    )
+    """The store's own pool (``libs.db.create_pool``: no reset query on release). The one
+    session lock (the saga lock) is released by ``saga_session`` or its connection is
+    dropped."""
+    return await create_pool(dsn, schema=SERVICE_SCHEMA, min_size=min_size, max_size=max_size)
 
 
 SERVICE_SCHEMA = "payments"
@@ -355,7 +348,7 @@ class PaymentsStore:
     async def saga_session(self, org_id: UUID, checkout_id: UUID) -> AsyncIterator[SagaSession]:
         """A connection for driving one checkout; the saga lock taken by ``SagaSession.open``
         is released when the block ends (``checkout_finish`` already lets go of it on the happy
-        path). The pool does not reset connections (``create_store_pool``), so a lock that
+        path). The pool does not reset connections (``libs.db.create_pool``), so a lock that
         cannot be released for sure is dropped with its connection instead."""
         async with self.pool.acquire() as conn:
             session = SagaSession(conn, org_id, checkout_id)

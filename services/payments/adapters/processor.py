@@ -94,10 +94,6 @@ class PaymentProcessor(Protocol):
         ...
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool reset that does nothing (asyncpg still rolls back an open transaction first)."""
-
-
 class FakeProcessor:
     """A deterministic processor driven by the ``payment_token`` (design §7):
 
@@ -121,12 +117,7 @@ class FakeProcessor:
 
     async def open(self, dsn: str, *, schema: str = "payments") -> None:
         """Connect its own small pool (it must not compete with the saga for connections)."""
-        self._pool_or_none = await create_pool(
-            dsn, schema=schema, min_size=1, max_size=8,
-            # its connections keep no session state (the tenant is SET LOCAL): skip asyncpg's
-            # reset query on every release, one round trip per call
-            reset=_keep_session,
-        )  # fmt: skip
+        self._pool_or_none = await create_pool(dsn, schema=schema, min_size=1, max_size=8)
         self._owns_pool = True
 
     async def close(self) -> None:
