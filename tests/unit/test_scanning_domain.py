@@ -195,3 +195,33 @@ async def test_batcher_never_leaves_a_scan_without_an_answer_when_a_decision_is_
         asyncio.gather(*(batcher.submit(ORG, {}) for _ in range(3)), return_exceptions=True), 2.0
     )
     assert all(isinstance(o, RuntimeError) for o in outcomes), outcomes
+
+
+async def test_tier2_admissions_decided_during_a_write_go_together_in_the_next():
+    from services.scanning.handlers import AccessControl
+
+    writes: list[list[str]] = []
+    release = asyncio.Event()
+
+    class Claims:
+        async def claim(self, fresh, moved):
+            writes.append([code for _, code, _ in fresh] + [code for _, code, _ in moved])
+            await release.wait()
+
+    access = AccessControl(store=None, claims=Claims())  # type: ignore[arg-type]
+    event_id = str(uuid.uuid4())
+
+    def batch(code: str, swap: bool = False) -> None:
+        item = {"event_id": event_id, "code": code, "dir": "entry", "device": "gate-1", "nonce": code}
+        access._remember([(ORG, item, {
+            "result": "accepted", "reentry": False, "replayed": False, "swap": swap,
+            "ticket_type": "GA", "first_at": datetime.now(UTC).isoformat(), "first_gate": "A"})])
+
+    batch("TKT-1")
+    await asyncio.sleep(0)  # the first write is under way
+    batch("TKT-2")
+    batch("TKT-3", swap=True)
+    assert writes == [["TKT-1"]]
+    release.set()
+    await access.drain()
+    assert writes == [["TKT-1"], ["TKT-2", "TKT-3"]]
