@@ -8,12 +8,14 @@ callers fall back to PostgreSQL instead of stalling.
 from __future__ import annotations
 
 from itertools import islice
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
+from uuid import UUID
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from libs.batching import TenantBatches
 from libs.errors import Unavailable
 
 __all__ = ["RedisStore", "RedisUnavailable"]
@@ -21,11 +23,18 @@ __all__ = ["RedisStore", "RedisUnavailable"]
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
 
 
-# a fixed-window counter: INCR, and the window's expiry set by its first hit (Redis 6.2 has no
-# EXPIRE NX); a script, so that both happen or neither
-_HIT = """local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return n"""
+# fixed-window counters: INCRBY each key by its hits (ARGV[2i-1]), and a window's expiry
+# (ARGV[2i]) set by its first hits (Redis 6.2 has no EXPIRE NX); a script, so that both happen
+# or neither; the counts after, in key order
+_HIT_MANY = """local out = {}
+for i = 1, #KEYS do
+  local hits = tonumber(ARGV[2 * i - 1])
+  local n = redis.call('INCRBY', KEYS[i], hits)
+  if n == hits then redis.call('EXPIRE', KEYS[i], ARGV[2 * i]) end
+  out[i] = n
+end
+return out"""
+_ALL_HITS = UUID(int=0)  # (hits are batched across tenants: one queue)
 
 
 # many SET ... EX (NX or not) in one command: a pipeline of thousands of SETs cost the caller
@@ -58,8 +67,11 @@ class RedisStore:
             health_check_interval=0,
             retry_on_timeout=False,
         )
-        self._hit = self._client.register_script(_HIT)
+        self._hit_many = self._client.register_script(_HIT_MANY)
         self._set_each = self._client.register_script(_SET_EACH)
+        # a gateway counts every request: hits that arrive while a count is under way go
+        # together in the next script call (one round trip for many requests, not one each)
+        self._hits: TenantBatches[tuple[str, int]] = TenantBatches("redis_hits", self._count_hits)
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -124,11 +136,26 @@ class RedisStore:
             raise RedisUnavailable(f"redis: {exc}") from exc
 
     async def hit(self, key: str, window_seconds: int) -> int:
-        """Count one hit in a fixed window (rate limits); returns the count so far."""
+        """Count one hit in a fixed window (rate limits); returns the count so far, this hit
+        included: exactly what an INCR of its own would have returned, as if the hits sent
+        together had been sent one after the other."""
+        return await self._hits.submit(_ALL_HITS, (key, window_seconds))
+
+    async def _count_hits(self, _: UUID, hits: list[tuple[str, int]]) -> list[Any]:
+        per_key: dict[str, list[int]] = {}  # key -> [hits, window], in first-hit order
+        for key, window in hits:
+            per_key.setdefault(key, [0, window])[0] += 1
         try:
-            # one atomic script (INCR, EXPIRE on the first hit: the window starts with it) in
-            # one command: a MULTI/SET NX EX/INCR/EXEC pipeline cost the caller twice the CPU
-            count = await self._hit(keys=[key], args=[window_seconds])
+            # one atomic script (INCRBY, EXPIRE on the first hits: the window starts with them)
+            # in one command: a MULTI/SET NX EX/INCR/EXEC pipeline cost the caller twice the CPU
+            totals = await self._hit_many(keys=list(per_key), args=[v for kw in per_key.values() for v in kw])
         except _DOWN as exc:
-            raise RedisUnavailable(f"redis: {exc}") from exc
-        return int(count)
+            # each caller's own answer (not the batch's failure: Redis down is expected)
+            return [RedisUnavailable(f"redis: {exc}")] * len(hits)
+        # the hits of one key get the counts its INCRBY passed through, in arrival order
+        next_count = {key: int(total) - kw[0] + 1 for (key, kw), total in zip(per_key.items(), totals)}
+        counts = []
+        for key, _ in hits:
+            counts.append(next_count[key])
+            next_count[key] += 1
+        return counts
