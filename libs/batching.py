@@ -21,7 +21,7 @@ from uuid import UUID
 from libs.errors import Unavailable
 from libs.log import get_logger
 
-__all__ = ["TenantBatches"]
+__all__ = ["TenantBatches", "BackgroundWrites"]
 
 log = get_logger(__name__)
 
@@ -123,6 +123,39 @@ class TenantBatches(Generic[T]):
                                         return_exceptions=True)  # fmt: skip
         for (_, result), outcome in zip(batch, outcomes):
             _settle(result, outcome)
+
+
+class BackgroundWrites(Generic[T]):
+    """Writes nobody waits for, one at a time: items added while a write is under way go
+    together in the next one. For writes that only save later work or protect capacity (tier-2
+    admission claims, rate-limit counts): a write that fails is logged as ``<what>_failed`` and
+    its items are dropped, never retried, never raised to anyone."""
+
+    def __init__(self, what: str, write: Callable[[list[T]], Awaitable[None]]) -> None:
+        """``write(items)`` writes the items added since the last write, in the order added."""
+        self._what = what
+        self._write = write
+        self._items: list[T] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, items: Sequence[T]) -> None:
+        """Queue ``items`` for the next write (started now if none is under way)."""
+        self._items.extend(items)
+        if self._items and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self._what}-writes")
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait (up to ``timeout``) for the writes queued so far (shutdown)."""
+        if self._task is not None and not self._task.done():
+            await asyncio.wait({self._task}, timeout=timeout)
+
+    async def _run(self) -> None:
+        while self._items:
+            items, self._items = self._items, []
+            try:
+                await self._write(items)
+            except Exception as exc:  # noqa: BLE001 - logged, never fatal
+                log.warning(f"{self._what}_failed", size=len(items), error=repr(exc))
 
 
 def _settle(result: asyncio.Future[Any], outcome: Any) -> None:

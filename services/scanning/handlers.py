@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import datetime
 from typing import Any
@@ -22,6 +21,7 @@ from libs.contracts.scanning import (
     SyncOfflineScans,
 )
 from libs.envelope import Envelope, utcnow
+from libs.batching import BackgroundWrites
 from libs.errors import InvalidInput, NotFound
 from libs.log import get_logger
 from libs.policy import Action, Resource, authorize
@@ -51,9 +51,9 @@ class AccessControl:
         self.claims = claims
         self.cache = cache or AdmissionCache()
         self.batcher = DecisionBatcher(self._decide_batch)
-        # tier-2 writes: admissions wait here while a write is under way, then go in one
-        self._unclaimed: tuple[list[tuple[UUID, str, Admission]], list[tuple[UUID, str, Admission]]] = ([], [])
-        self._claiming: asyncio.Task[None] | None = None
+        # tier 2 is written in the background, a write at a time (see _remember)
+        self._claims: BackgroundWrites[tuple[bool, UUID, str, Admission]] = BackgroundWrites(
+            "admission_claims", self._claim)
 
     async def scan(self, ctx: CommandContext, cmd: ScanTicket) -> ScanDecision:
         """Decide one online scan: tier 1 (this process), tier 2 (Redis), then the authority."""
@@ -188,8 +188,7 @@ class AccessControl:
         never lands costs a lookup, never a wrong decision). One write at a time: what is
         decided meanwhile goes in the next one, so Redis sees a write per round trip, not one
         per batch of scans (at 1,000 scans/s batches are two or three scans)."""
-        fresh: list[tuple[UUID, str, Admission]] = []
-        moved: list[tuple[UUID, str, Admission]] = []
+        claims: list[tuple[bool, UUID, str, Admission]] = []  # (moved, org, code, admission)
         event_ids: dict[str, UUID] = {}  # an upload names a few events 10,000 times
         for org, item, d in decided:
             if (
@@ -208,24 +207,15 @@ class AccessControl:
                 first_gate=d["first_gate"], device_id=item["device"], nonce=item["nonce"],
             )
             self.cache.put(org, item["code"], admission, replace=d["swap"])
-            (moved if d["swap"] else fresh).append((org, item["code"], admission))
-        if fresh or moved:
-            self._unclaimed[0].extend(fresh)
-            self._unclaimed[1].extend(moved)
-            if self._claiming is None or self._claiming.done():
-                self._claiming = asyncio.create_task(self._claim_unclaimed())
+            claims.append((d["swap"], org, item["code"], admission))
+        self._claims.add(claims)
 
-    async def _claim_unclaimed(self) -> None:
-        while self._unclaimed[0] or self._unclaimed[1]:
-            (fresh, moved), self._unclaimed = self._unclaimed, ([], [])
-            try:
-                await self.claims.claim(fresh, moved)
-            except Exception as exc:  # noqa: BLE001
-                # (Redis down is handled inside; this is anything else: logged, never fatal)
-                log.warning("admission_claims_failed", error=repr(exc))
+    async def _claim(self, claims: list[tuple[bool, UUID, str, Admission]]) -> None:
+        # (Redis down is handled inside ``claim``; anything else is logged by BackgroundWrites)
+        await self.claims.claim([(org, code, a) for moved, org, code, a in claims if not moved],
+                                [(org, code, a) for moved, org, code, a in claims if moved])
 
     async def drain(self) -> None:
         """Finish the batches and tier-2 writes under way (shutdown)."""
         await self.batcher.drain()
-        if self._claiming is not None and not self._claiming.done():
-            await asyncio.wait({self._claiming}, timeout=5.0)
+        await self._claims.drain()

@@ -169,3 +169,47 @@ async def test_drain_waits_for_the_batches_under_way():
     asyncio.get_running_loop().call_later(0.05, gate.set)
     await batches.drain()
     assert done == [1] and result.done()
+
+
+async def test_background_writes_added_during_a_write_go_together_in_the_next():
+    from libs.batching import BackgroundWrites
+
+    writes: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def write(items: list[int]) -> None:
+        writes.append(items)
+        await release.wait()
+
+    background = BackgroundWrites("numbers", write)
+    background.add([1])
+    await asyncio.sleep(0)  # the first write is under way
+    background.add([2, 3])
+    background.add([])
+    background.add([4])
+    assert writes == [[1]]
+    release.set()
+    await background.drain()
+    assert writes == [[1], [2, 3, 4]]
+
+
+async def test_a_failed_background_write_is_logged_and_the_next_one_still_runs():
+    from structlog.testing import capture_logs
+
+    from libs.batching import BackgroundWrites
+
+    writes: list[list[str]] = []
+
+    async def write(items: list[str]) -> None:
+        writes.append(items)
+        if items == ["bad"]:
+            raise RuntimeError("boom")
+
+    background = BackgroundWrites("words", write)
+    with capture_logs() as logs:
+        background.add(["bad"])
+        await background.drain()
+        background.add(["good"])
+        await background.drain()
+    assert writes == [["bad"], ["good"]]
+    assert [e["event"] for e in logs] == ["words_failed"] and logs[0]["size"] == 1
