@@ -8,14 +8,12 @@ callers fall back to PostgreSQL instead of stalling.
 from __future__ import annotations
 
 from itertools import islice
-from typing import Any, Iterable, Sequence
-from uuid import UUID
+from typing import Iterable, Mapping, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from libs.batching import TenantBatches
 from libs.errors import Unavailable
 
 __all__ = ["RedisStore", "RedisUnavailable"]
@@ -34,7 +32,6 @@ for i = 1, #KEYS do
   out[i] = n
 end
 return out"""
-_ALL_HITS = UUID(int=0)  # (hits are batched across tenants: one queue)
 
 
 # many SET ... EX (NX or not) in one command: a pipeline of thousands of SETs cost the caller
@@ -69,9 +66,6 @@ class RedisStore:
         )
         self._hit_many = self._client.register_script(_HIT_MANY)
         self._set_each = self._client.register_script(_SET_EACH)
-        # a gateway counts every request: hits that arrive while a count is under way go
-        # together in the next script call (one round trip for many requests, not one each)
-        self._hits: TenantBatches[tuple[str, int]] = TenantBatches("redis_hits", self._count_hits)
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -135,27 +129,17 @@ class RedisStore:
         except _DOWN as exc:
             raise RedisUnavailable(f"redis: {exc}") from exc
 
-    async def hit(self, key: str, window_seconds: int) -> int:
-        """Count one hit in a fixed window (rate limits); returns the count so far, this hit
-        included: exactly what an INCR of its own would have returned, as if the hits sent
-        together had been sent one after the other."""
-        return await self._hits.submit(_ALL_HITS, (key, window_seconds))
-
-    async def _count_hits(self, _: UUID, hits: list[tuple[str, int]]) -> list[Any]:
-        per_key: dict[str, list[int]] = {}  # key -> [hits, window], in first-hit order
-        for key, window in hits:
-            per_key.setdefault(key, [0, window])[0] += 1
+    async def add_hits(self, hits: Mapping[str, int], window_seconds: int) -> list[int]:
+        """Add ``hits[key]`` to each fixed-window counter (rate limits), a window starting with
+        its first hits; returns each counter's total after, in ``hits``' order. One command
+        for every key."""
+        if not hits:
+            return []
         try:
-            # one atomic script (INCRBY, EXPIRE on the first hits: the window starts with them)
-            # in one command: a MULTI/SET NX EX/INCR/EXEC pipeline cost the caller twice the CPU
-            totals = await self._hit_many(keys=list(per_key), args=[v for kw in per_key.values() for v in kw])
+            # one atomic script (INCRBY, EXPIRE on the first hits) in one command: a MULTI/SET NX
+            # EX/INCR/EXEC pipeline per key cost the caller twice the CPU
+            totals = await self._hit_many(
+                keys=list(hits), args=[v for n in hits.values() for v in (n, window_seconds)])
         except _DOWN as exc:
-            # each caller's own answer (not the batch's failure: Redis down is expected)
-            return [RedisUnavailable(f"redis: {exc}")] * len(hits)
-        # the hits of one key get the counts its INCRBY passed through, in arrival order
-        next_count = {key: int(total) - kw[0] + 1 for (key, kw), total in zip(per_key.items(), totals)}
-        counts = []
-        for key, _ in hits:
-            counts.append(next_count[key])
-            next_count[key] += 1
-        return counts
+            raise RedisUnavailable(f"redis: {exc}") from exc
+        return [int(t) for t in totals]

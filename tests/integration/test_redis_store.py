@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import pytest
@@ -51,33 +50,21 @@ async def test_a_lazy_iterable_is_written_in_full(store):
     assert await store.get_many(keys) == [f"v-{n}" for n in range(len(keys))]
 
 
-async def test_concurrent_hits_count_as_if_sent_one_by_one(store):
-    # hits that arrive together go to Redis in one script call; each still gets its own count
+async def test_add_hits_counts_many_windows_in_one_command(store):
     prefix = f"test:{uuid.uuid4().hex}"
-    keys = [f"{prefix}:{k}" for k in ("a", "b", "c")]
-    hits = [keys[n % 3] if n % 5 else keys[0] for n in range(60)]
-    await store.hit(f"{prefix}:warm-up", 7)  # (the script is loaded once)
-    calls_before = await _script_calls(store)
-    counts = await asyncio.gather(*(store.hit(k, 7) for k in hits))
-    assert await _script_calls(store) - calls_before < len(hits) / 10  # together, not one each
-    for key in keys:
-        mine = [c for k, c in zip(hits, counts) if k == key]
-        assert sorted(mine) == list(range(1, len(mine) + 1))  # no count given twice or skipped
-        assert int(await store._client.get(key)) == len(mine)
-        assert 0 < await store._client.ttl(key) <= 7  # the window started with the first hits
-    assert await store.hit(keys[1], 7) == hits.count(keys[1]) + 1
+    a, b = f"{prefix}:a", f"{prefix}:b"
+    assert await store.add_hits({a: 3, b: 1}, 7) == [3, 1]
+    assert 0 < await store._client.ttl(a) <= 7  # the window started with its first hits
+    await store._client.expire(a, 100)
+    assert await store.add_hits({b: 2, a: 1}, 7) == [3, 4]
+    assert await store._client.ttl(a) > 7  # later hits do not move the window
+    assert await store.add_hits({}, 7) == []
 
 
-async def test_a_hit_without_redis_is_unavailable_for_each_caller():
-    port = free_port()  # nothing listens there
-    down = RedisStore(f"redis://127.0.0.1:{port}/0", timeout=0.2, connect_timeout=0.2)
+async def test_add_hits_without_redis_is_unavailable():
+    down = RedisStore(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2, connect_timeout=0.2)
     try:
-        results = await asyncio.gather(*(down.hit("k", 1) for _ in range(5)), return_exceptions=True)
-        assert all(isinstance(r, RedisUnavailable) for r in results), results
+        with pytest.raises(RedisUnavailable):
+            await down.add_hits({"k": 1}, 1)
     finally:
         await down.close()
-
-
-async def _script_calls(store: RedisStore) -> int:
-    stats = await store._client.info("commandstats")
-    return sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
