@@ -119,13 +119,17 @@ class OutboxRelay:
                 # subscription; a request per message, as ``publish`` does, costs a task and a
                 # timer each, and this runs in the event loop of the service whose commands
                 # wrote the rows: at 1,000 scans/s, 1,000 events/s)
-                acks = [
-                    await self._js.publish_async(
-                        r["subject"], r["payload"], headers={"Nats-Msg-Id": str(r["event_id"])}
-                    )
-                    for r in rows
-                ]
-                await asyncio.wait_for(asyncio.gather(*acks), self._publish_timeout)
+                acks: list[asyncio.Future[Any]] = []
+                try:
+                    for r in rows:
+                        acks.append(await self._js.publish_async(
+                            r["subject"], r["payload"], headers={"Nats-Msg-Id": str(r["event_id"])}))
+                    await asyncio.wait_for(asyncio.gather(*acks), self._publish_timeout)
+                finally:
+                    # an ack never answered (NATS gone, a failed publish) holds one of
+                    # publish_async's pending slots until its future ends: end them all
+                    for ack in acks:
+                        ack.cancel()
                 await conn.execute(
                     "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
                     [r["id"] for r in rows],
