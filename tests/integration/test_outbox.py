@@ -211,5 +211,4 @@ async def test_a_stopped_relay_leaves_no_pooled_connection_listening(admin_dsn, 
 
 
 async def _listen_conn_of(relay: OutboxRelay):
-    conn = relay._listen_conn
-    return conn if conn is not None else None
+    return relay._listen_conn  # (async: _wait_for awaits its predicate)
