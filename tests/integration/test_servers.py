@@ -61,6 +61,8 @@ async def test_each_server_answers(servers: LocalServers) -> None:
     try:
         assert await conn.fetchval("SELECT 1") == 1
         assert await conn.fetchval("SHOW max_connections") == "300"
+        # new WAL segments are not zero-filled first (that stalled commits on a new cluster)
+        assert await conn.fetchval("SHOW wal_init_zero") == "off"
     finally:
         await conn.close()
 
