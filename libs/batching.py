@@ -3,8 +3,10 @@ batching": no timer, so nothing waits when the service is idle).
 
 While a tenant's batch is under way, the next requests queue; when it ends they go as the next
 batch. Up to ``in_flight`` batches of a tenant may be under way at once (more than one only
-for work whose batches cannot deadlock, e.g. because each locks its rows in one order). Both
-scanning (scan decisions) and payments (checkout creation and completion) batch this way.
+for work whose batches cannot deadlock, e.g. because each locks its rows in one order); with
+``parallel_from``, a further batch starts beside a running one only once that many requests
+wait (a backlog), not for every request that finds the first batch busy. Both scanning (scan
+decisions) and payments (checkout creation and completion) batch this way.
 
 Every submitter gets its own answer, whatever happens to the batch: its outcome, its own error,
 the batch's error, or ``Unavailable`` if the batch was interrupted (shutdown). Nobody is left
@@ -46,16 +48,20 @@ class TenantBatches(Generic[T]):
         accept: Callable[[T, Any], Any] | None = None,
         limit: int = 256,
         in_flight: int = 1,
+        parallel_from: int = 1,
         interrupted: str = "interrupted; retry",
     ) -> None:
-        """``what`` names the work in logs; ``limit`` caps a batch; ``interrupted`` is the
-        message of the ``Unavailable`` a submitter gets if its batch is cancelled."""
+        """``what`` names the work in logs; ``limit`` caps a batch; ``parallel_from``: how many
+        items must be queued for a batch to start beside the ones under way (the first batch of
+        an idle tenant starts at once); ``interrupted`` is the message of the ``Unavailable`` a
+        submitter gets if its batch is cancelled."""
         self._what = what
         self._many = many
         self._one = one
         self._accept = accept
         self._limit = limit
         self._in_flight = in_flight
+        self._parallel_from = parallel_from
         self._interrupted = interrupted
         self._queued: dict[UUID, list[tuple[T, asyncio.Future[Any]]]] = {}
         self._runners: dict[UUID, set[asyncio.Task[None]]] = {}
@@ -63,9 +69,10 @@ class TenantBatches(Generic[T]):
     def submit(self, org_id: UUID, item: T) -> asyncio.Future[Any]:
         """Queue ``item``; the future is settled when its batch is done."""
         result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.setdefault(org_id, []).append((item, result))
+        queued = self._queued.setdefault(org_id, [])
+        queued.append((item, result))
         runners = self._runners.setdefault(org_id, set())
-        if len(runners) < self._in_flight:
+        if len(runners) < self._in_flight and (not runners or len(queued) >= self._parallel_from):
             runners.add(asyncio.create_task(self._drain(org_id), name=f"{self._what}-batches"))
         return result
 

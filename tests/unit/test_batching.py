@@ -41,6 +41,28 @@ async def test_two_batches_under_way_and_the_rest_together_after():
     assert sorted(map(len, calls)) == [1, 1, 10]
 
 
+async def test_a_second_batch_starts_only_for_a_backlog():
+    calls: list[list[int]] = []
+    gate = asyncio.Event()
+
+    async def many(org, batch):
+        calls.append(list(batch))
+        await gate.wait()
+        return [n * 10 for n in batch]
+
+    batches: TenantBatches[int] = TenantBatches("test", many, in_flight=2, parallel_from=3)
+    results = [batches.submit(ORG, 0)]
+    await asyncio.sleep(0)
+    results += [batches.submit(ORG, n) for n in (1, 2)]
+    await asyncio.sleep(0)
+    assert calls == [[0]], "two waiting are no backlog: they wait for the running batch"
+    results.append(batches.submit(ORG, 3))
+    await asyncio.sleep(0)
+    assert calls == [[0], [1, 2, 3]], "the third waiting one starts a batch beside it"
+    gate.set()
+    assert await asyncio.gather(*results) == [n * 10 for n in range(4)]
+
+
 async def test_tenants_are_batched_apart():
     calls: list[tuple[uuid.UUID, list[int]]] = []
     gate = asyncio.Event()

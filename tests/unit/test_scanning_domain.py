@@ -141,20 +141,26 @@ async def test_batcher_keeps_at_most_two_batches_of_a_tenant_under_way():
         await gate.wait()
         return [{"i": s["i"], "code": s["code"]} for s in scans]
 
-    batcher = DecisionBatcher(decide, in_flight=2)
-    first = asyncio.create_task(batcher.submit(ORG, {"code": "0"}))
-    await asyncio.sleep(0)
-    second = asyncio.create_task(batcher.submit(ORG, {"code": "1"}))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    rest = [asyncio.create_task(batcher.submit(ORG, {"code": str(n)})) for n in range(2, 30)]
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert calls == [1, 1], "two batches under way, the rest wait for one of them"
+    async def settle():
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    batcher = DecisionBatcher(decide, in_flight=2, parallel_from=8)
+    tasks = [asyncio.create_task(batcher.submit(ORG, {"code": "0"}))]
+    await settle()
+    tasks += [asyncio.create_task(batcher.submit(ORG, {"code": str(n)})) for n in range(1, 8)]
+    await settle()
+    assert calls == [1], "seven waiting are no backlog yet: they wait for the running batch"
+    tasks += [asyncio.create_task(batcher.submit(ORG, {"code": str(n)})) for n in range(8, 30)]
+    await settle()
+    assert calls == [1, 29], "a backlog: a second batch beside the first"
+    tasks += [asyncio.create_task(batcher.submit(ORG, {"code": str(n)})) for n in range(30, 40)]
+    await settle()
+    assert calls == [1, 29], "never more than two under way"
     gate.set()
-    results = await asyncio.gather(first, second, *rest)
-    assert [r["code"] for r in results] == [str(n) for n in range(30)]
-    assert calls == [1, 1, 28]
+    results = await asyncio.gather(*tasks)
+    assert [r["code"] for r in results] == [str(n) for n in range(40)]
+    assert calls == [1, 29, 10]
 
 
 async def test_tier2_writes_after_the_decision_and_a_failure_is_only_logged():
