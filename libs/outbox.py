@@ -124,11 +124,20 @@ class OutboxRelay:
                     for r in rows:
                         acks.append(await self._js.publish_async(
                             r["subject"], r["payload"], headers={"Nats-Msg-Id": str(r["event_id"])}))
-                    await asyncio.wait_for(asyncio.gather(*acks), self._publish_timeout)
+                    # (asyncio.wait, not wait_for(gather(...)): a gather cancelled with the pass
+                    # is left holding a CancelledError that nobody reads, logged at shutdown)
+                    answered, unanswered = await asyncio.wait(acks, timeout=self._publish_timeout)
+                    if unanswered:
+                        raise TimeoutError(f"{len(unanswered)} of {len(acks)} publishes not acknowledged")
+                    for ack in answered:
+                        ack.result()  # the first failed publish fails the pass
                 finally:
                     # an ack never answered (NATS gone, a failed publish) holds one of
-                    # publish_async's pending slots until its future ends: end them all
+                    # publish_async's pending slots until its future ends: end them all, and
+                    # read the errors of the answered ones (the pass has failed already)
                     for ack in acks:
+                        if ack.done() and not ack.cancelled():
+                            ack.exception()
                         ack.cancel()
                 await conn.execute(
                     "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",

@@ -108,6 +108,39 @@ async def test_committed_while_nats_down_is_published_exactly_once(pool, schema,
         server.stop()
 
 
+async def test_a_relay_stopped_while_awaiting_acks_leaves_no_unretrieved_error(pool, schema, tmp_path: Path):
+    """Stopping a service while its relay waits for JetStream's acks is quiet: no future is
+    left holding an error nobody reads (Python logs those as "exception was never retrieved")."""
+    import gc
+
+    server = NatsServer(tmp_path / "nats").start()
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    loop = asyncio.get_running_loop()
+    unretrieved: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context["message"]))
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        relay = OutboxRelay(pool, js, schema, poll_interval=0.2, publish_timeout=30)
+        relay.start()
+        server.stop()  # the publishes wait in the client's buffer; no ack comes
+        async with tenant_transaction(pool, uuid.uuid4()) as conn:
+            await add_events(conn, schema, [_event(uuid.uuid4(), n) for n in range(3)])
+        await _wait_for(lambda: asyncio.sleep(0, js.publish_async_pending() == 3))
+        await relay.stop()  # mid-pass
+        for _ in range(3):
+            await asyncio.sleep(0)
+        gc.collect()
+        assert unretrieved == []
+    finally:
+        loop.set_exception_handler(previous)
+        server.start()  # (a client closing while it reconnects fails its own close)
+        await _wait_for(lambda: asyncio.sleep(0, nc.is_connected))
+        await nc.close()
+        server.stop()
+
+
 async def test_crash_between_publish_and_mark_publishes_once(pool, schema, nc):
     """Simulate the relay dying after publishing: the rows stay unpublished, the next pass
     publishes them again and JetStream drops the copies."""
