@@ -138,10 +138,13 @@ class BackgroundWrites(Generic[T]):
     admission claims, rate-limit counts): a write that fails is logged as ``<what>_failed`` and
     its items are dropped, never retried, never raised to anyone."""
 
-    def __init__(self, what: str, write: Callable[[list[T]], Awaitable[None]]) -> None:
-        """``write(items)`` writes the items added since the last write, in the order added."""
+    def __init__(self, what: str, write: Callable[[list[T]], Awaitable[None]], *, linger: float = 0.0) -> None:
+        """``write(items)`` writes the items added since the last write, in the order added;
+        ``linger``: seconds a write waits for more items before it starts (fewer, bigger writes
+        for items that may land that much later)."""
         self._what = what
         self._write = write
+        self._linger = linger
         self._items: list[T] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -158,6 +161,8 @@ class BackgroundWrites(Generic[T]):
 
     async def _run(self) -> None:
         while self._items:
+            if self._linger:
+                await asyncio.sleep(self._linger)
             items, self._items = self._items, []
             try:
                 await self._write(items)

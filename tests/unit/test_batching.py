@@ -215,6 +215,23 @@ async def test_background_writes_added_during_a_write_go_together_in_the_next():
     assert writes == [[1], [2, 3, 4]]
 
 
+async def test_background_writes_linger_for_more_items():
+    from libs.batching import BackgroundWrites
+
+    writes: list[list[int]] = []
+
+    async def write(items: list[int]) -> None:
+        writes.append(items)
+
+    background = BackgroundWrites("numbers", write, linger=0.05)
+    background.add([1])
+    await asyncio.sleep(0.01)
+    background.add([2])
+    assert writes == [], "nothing written while the write lingers"
+    await background.drain()
+    assert writes == [[1, 2]]
+
+
 async def test_a_failed_background_write_is_logged_and_the_next_one_still_runs():
     from structlog.testing import capture_logs
 

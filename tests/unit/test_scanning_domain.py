@@ -224,7 +224,9 @@ async def test_tier2_admissions_decided_during_a_write_go_together_in_the_next()
             "ticket_type": "GA", "first_at": datetime.now(UTC).isoformat(), "first_gate": "A"})])
 
     batch("TKT-1")
-    await asyncio.sleep(0)  # the first write is under way
+    async with asyncio.timeout(1):
+        while not writes:  # the first write is under way (after its linger)
+            await asyncio.sleep(0.001)
     batch("TKT-2")
     batch("TKT-3", swap=True)
     assert writes == [["TKT-1"]]
