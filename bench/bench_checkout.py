@@ -55,7 +55,7 @@ from libs.errors import DomainError  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.servers import LocalServers, free_port  # noqa: E402
 from libs.settings import Settings  # noqa: E402
-from loadgen import PresignedContexts, settle_heap  # noqa: E402
+from loadgen import PresignedContexts, run as run_loop, settle_heap  # noqa: E402
 
 PRICE = 25_000
 
@@ -314,7 +314,7 @@ def main() -> None:
                         "work, which bench_http_scan.py measures), not as each one is sent")
     parser.add_argument("--in-process", action="store_true", help="run payments in this process")
     parser.add_argument("--no-fsync", action="store_true", help="local PostgreSQL without fsync")
-    asyncio.run(run(parser.parse_args()))
+    run_loop(run(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_scan import double_admissions, pct, report, seed, wait_healthy  # noqa: E402
-from loadgen import settle_heap  # noqa: E402
+from loadgen import run, settle_heap  # noqa: E402
 
 from libs.context import generate_key_pair  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
@@ -514,4 +514,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main())

@@ -43,7 +43,7 @@ from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.servers import free_port, resolve_server_urls  # noqa: E402
 from libs.settings import Settings  # noqa: E402
-from loadgen import PresignedContexts, settle_heap  # noqa: E402
+from loadgen import PresignedContexts, run, settle_heap  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -291,4 +291,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run(main())
