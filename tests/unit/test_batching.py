@@ -14,14 +14,21 @@ from libs.errors import Unavailable
 ORG = uuid.uuid4()
 
 
-async def test_two_batches_under_way_and_the_rest_together_after():
-    calls: list[list[int]] = []
-    gate = asyncio.Event()
+def _held_batches(calls: list[list[int]], gate: asyncio.Event):
+    """A ``many`` that records each batch and answers (n * 10 each) once ``gate`` opens."""
 
     async def many(org, batch):
         calls.append(list(batch))
         await gate.wait()
         return [n * 10 for n in batch]
+
+    return many
+
+
+async def test_two_batches_under_way_and_the_rest_together_after():
+    calls: list[list[int]] = []
+    gate = asyncio.Event()
+    many = _held_batches(calls, gate)
 
     async def one(org, n):
         calls.append([n])
@@ -44,13 +51,8 @@ async def test_two_batches_under_way_and_the_rest_together_after():
 async def test_a_second_batch_starts_only_for_a_backlog():
     calls: list[list[int]] = []
     gate = asyncio.Event()
-
-    async def many(org, batch):
-        calls.append(list(batch))
-        await gate.wait()
-        return [n * 10 for n in batch]
-
-    batches: TenantBatches[int] = TenantBatches("test", many, in_flight=2, parallel_from=3)
+    batches: TenantBatches[int] = TenantBatches("test", _held_batches(calls, gate), in_flight=2,
+                                                parallel_from=3)
     results = [batches.submit(ORG, 0)]
     await asyncio.sleep(0)
     results += [batches.submit(ORG, n) for n in (1, 2)]
