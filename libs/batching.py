@@ -23,7 +23,7 @@ from uuid import UUID
 from libs.errors import Unavailable
 from libs.log import get_logger
 
-__all__ = ["TenantBatches", "BackgroundWrites"]
+__all__ = ["TenantBatches", "BackgroundBatches"]
 
 log = get_logger(__name__)
 
@@ -132,30 +132,30 @@ class TenantBatches(Generic[T]):
             _settle(result, outcome)
 
 
-class BackgroundWrites(Generic[T]):
-    """Writes nobody waits for, one at a time: items added while a write is under way go
-    together in the next one. For writes that only save later work or protect capacity (tier-2
-    admission claims, rate-limit counts): a write that fails is logged as ``<what>_failed`` and
-    its items are dropped, never retried, never raised to anyone."""
+class BackgroundBatches(Generic[T]):
+    """Work nobody waits for, a batch at a time: items added while a batch is under way go
+    together in the next one. For writes or reads that only save later work or protect capacity
+    (tier-2 admission claims and lookups, rate-limit counts): a batch that fails is logged as
+    ``<what>_failed`` and its items are dropped, never retried, never raised to anyone."""
 
-    def __init__(self, what: str, write: Callable[[list[T]], Awaitable[None]], *, linger: float = 0.0) -> None:
-        """``write(items)`` writes the items added since the last write, in the order added;
-        ``linger``: seconds a write waits for more items before it starts (fewer, bigger writes
-        for items that may land that much later)."""
+    def __init__(self, what: str, handle: Callable[[list[T]], Awaitable[None]], *, linger: float = 0.0) -> None:
+        """``handle(items)`` handles the items added since the last batch, in the order added;
+        ``linger``: seconds a batch waits for more items before it starts (fewer, bigger batches
+        for items that may be handled that much later)."""
         self._what = what
-        self._write = write
+        self._handle = handle
         self._linger = linger
         self._items: list[T] = []
         self._task: asyncio.Task[None] | None = None
 
     def add(self, items: Sequence[T]) -> None:
-        """Queue ``items`` for the next write (started now if none is under way)."""
+        """Queue ``items`` for the next batch (started now if none is under way)."""
         self._items.extend(items)
         if self._items and (self._task is None or self._task.done()):
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self._what}-writes")
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self._what}-batches")
 
     async def drain(self, timeout: float = 5.0) -> None:
-        """Wait (up to ``timeout``) for the writes queued so far (shutdown)."""
+        """Wait (up to ``timeout``) for the batches queued so far (shutdown)."""
         if self._task is not None and not self._task.done():
             await asyncio.wait({self._task}, timeout=timeout)
 
@@ -165,7 +165,7 @@ class BackgroundWrites(Generic[T]):
                 await asyncio.sleep(self._linger)
             items, self._items = self._items, []
             try:
-                await self._write(items)
+                await self._handle(items)
             except Exception as exc:  # noqa: BLE001 - logged, never fatal
                 log.warning(f"{self._what}_failed", size=len(items), error=repr(exc))
 

@@ -196,7 +196,7 @@ async def test_drain_waits_for_the_batches_under_way():
 
 
 async def test_background_writes_added_during_a_write_go_together_in_the_next():
-    from libs.batching import BackgroundWrites
+    from libs.batching import BackgroundBatches
 
     writes: list[list[int]] = []
     release = asyncio.Event()
@@ -205,7 +205,7 @@ async def test_background_writes_added_during_a_write_go_together_in_the_next():
         writes.append(items)
         await release.wait()
 
-    background = BackgroundWrites("numbers", write)
+    background = BackgroundBatches("numbers", write)
     background.add([1])
     await asyncio.sleep(0)  # the first write is under way
     background.add([2, 3])
@@ -218,14 +218,14 @@ async def test_background_writes_added_during_a_write_go_together_in_the_next():
 
 
 async def test_background_writes_linger_for_more_items():
-    from libs.batching import BackgroundWrites
+    from libs.batching import BackgroundBatches
 
     writes: list[list[int]] = []
 
     async def write(items: list[int]) -> None:
         writes.append(items)
 
-    background = BackgroundWrites("numbers", write, linger=0.05)
+    background = BackgroundBatches("numbers", write, linger=0.05)
     background.add([1])
     await asyncio.sleep(0.01)
     background.add([2])
@@ -237,7 +237,7 @@ async def test_background_writes_linger_for_more_items():
 async def test_a_failed_background_write_is_logged_and_the_next_one_still_runs():
     from structlog.testing import capture_logs
 
-    from libs.batching import BackgroundWrites
+    from libs.batching import BackgroundBatches
 
     writes: list[list[str]] = []
 
@@ -246,7 +246,7 @@ async def test_a_failed_background_write_is_logged_and_the_next_one_still_runs()
         if items == ["bad"]:
             raise RuntimeError("boom")
 
-    background = BackgroundWrites("words", write)
+    background = BackgroundBatches("words", write)
     with capture_logs() as logs:
         background.add(["bad"])
         await background.drain()

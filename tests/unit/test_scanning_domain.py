@@ -233,3 +233,60 @@ async def test_tier2_admissions_decided_during_a_write_go_together_in_the_next()
     release.set()
     await access.drain()
     assert writes == [["TKT-1"], ["TKT-2", "TKT-3"]]
+
+
+async def test_tier2_is_read_as_a_scan_arrives_and_its_answer_used_by_the_next_batch():
+    """A scan that waits for the batch under way has its Redis read done during the wait: the
+    read starts on arrival, and what it found (a duplicate) goes to the authority as one."""
+    from libs.actor import Actor, ActorType
+    from libs.context import CommandContext
+    from libs.contracts.scanning import ScanTicket
+    from services.scanning.handlers import AccessControl
+
+    first_batch = asyncio.Event()
+    batches: list[list[dict]] = []
+    looked_up: list[list[str]] = []
+
+    class Store:
+        async def decide(self, org, now, scans):
+            batches.append([dict(s) for s in scans])
+            if len(batches) == 1:
+                await first_batch.wait()
+            return [{"i": s["i"], "scan_id": uuid.uuid4(), "result": "rejected", "reason": "already_admitted",
+                     "ticket_type": "GA", "first_at": None, "first_gate": None, "conflict": False,
+                     "replayed": False, "reentry": False, "swap": False} for s in scans]
+
+    class Claims:
+        async def admissions(self, keys):
+            looked_up.append([code for _, code in keys])
+            return [ADMISSION if code == "TKT-2" else None for _, code in keys]
+
+        async def claim(self, fresh, moved):
+            pass
+
+    access = AccessControl(store=Store(), claims=Claims())  # type: ignore[arg-type]
+    ctx = CommandContext(
+        actor=Actor(user_id="device-9", organization_id=ORG, role=None, type=ActorType.DEVICE),
+        org_id=ORG, subject="vge.cmd.scanning.scan", expires_at=datetime.now(UTC) + timedelta(seconds=30),
+        correlation_id="c")
+    def scan(code: str) -> asyncio.Task:
+        return asyncio.create_task(access.scan(ctx, ScanTicket(event_id=EVENT, ticket_code=code, nonce=code)))
+
+    async def until(condition) -> None:
+        async with asyncio.timeout(1):
+            while not condition():
+                await asyncio.sleep(0.001)
+
+    scans = [scan("TKT-1")]
+    await until(lambda: batches)
+    scans.append(scan("TKT-2"))
+    await until(lambda: len(looked_up) == 2)
+    # TKT-2 was read while the first batch (TKT-1 alone) is still under way
+    assert [[s["code"] for s in b] for b in batches] == [["TKT-1"]]
+    assert looked_up == [["TKT-1"], ["TKT-2"]]
+    first_batch.set()
+    await asyncio.gather(*scans)
+    second = batches[1]
+    assert [s["code"] for s in second] == ["TKT-2"]
+    assert second[0]["pre"] == "already_admitted" and second[0]["pre_first_gate"] == "North"
+    await access.drain()

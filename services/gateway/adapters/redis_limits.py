@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from libs.batching import BackgroundWrites
+from libs.batching import BackgroundBatches
 from libs.errors import RateLimited
 from libs.log import get_logger
 from libs.redis_store import RedisStore, RedisUnavailable
@@ -51,7 +51,7 @@ class RateLimiter:
         self._per_second = per_second
         self._second = 0
         self._windows: dict[str, _Window] = {}  # counter key -> its window, this second only
-        self._writes: BackgroundWrites[str] = BackgroundWrites("rate_limit_counts", self._send)
+        self._writes: BackgroundBatches[str] = BackgroundBatches("rate_limit_counts", self._send)
         self._quiet_until = 0.0
 
     async def check(self, credential_id: str) -> None:

@@ -7,7 +7,7 @@ the second after the first.
 
 Why not a second batch for every scan that finds the first busy: at a steady 1,000 scans/s that
 made batches of ~2 scans, and each batch costs the service and PostgreSQL about as much as
-its scans do (two round trips, a transaction, a commit). Waiting for the running batch instead
+its scans do (a round trip, a transaction, a commit). Waiting for the running batch instead
 gives batches of ~3 and a less busy machine; measured with bench/bench_scan.py: p95 at
 1,000/s 9.1-9.7 -> 8.2-8.8 ms, p99 11-11.7 -> 10.4-11.3 ms, flat out unchanged."""
 
