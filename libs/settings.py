@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     consumer_backoff_seconds: str = "0.2,1,5,15"
     outbox_batch_size: int = 500
     gc_thresholds: tuple[int, int, int] = Field(
-        default=(50_000, 20, 100),
+        default=(5_000, 20, 100),
         description="Python's garbage-collector thresholds for a service process (gc.set_threshold).",
     )
     stop_timeout_seconds: float = Field(

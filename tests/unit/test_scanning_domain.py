@@ -290,3 +290,21 @@ async def test_tier2_is_read_as_a_scan_arrives_and_its_answer_used_by_the_next_b
     assert [s["code"] for s in second] == ["TKT-2"]
     assert second[0]["pre"] == "already_admitted" and second[0]["pre_first_gate"] == "North"
     await access.drain()
+
+
+def test_tier1_entries_leave_the_garbage_collectors_lists():
+    """Cached admissions live for minutes: entries the collector keeps tracking are walked by
+    every young collection they are in, with the event loop stopped."""
+    import gc
+
+    cache = AdmissionCache()
+    for n in range(100):
+        cache.put(uuid.uuid4(), f"TKT-{n}", Admission(uuid.uuid4(), "GA", NOW, "North", "device-1", f"n{n}"))
+    gc.collect()
+    entries = list(cache._entries.items())
+    assert len(entries) == 100
+    assert not any(gc.is_tracked(key) or gc.is_tracked(value) for key, value in entries)
+    # and what comes back out is the admission that went in
+    org, code = uuid.uuid4(), "TKT-X"
+    cache.put(org, code, ADMISSION)
+    assert cache.get(org, code) == ADMISSION and isinstance(cache.get(org, code).event_id, uuid.UUID)
