@@ -10,6 +10,7 @@ crashes the subscription. ``CommandClient`` is the caller side (the gateway, tes
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import time
 from dataclasses import dataclass
@@ -71,20 +72,31 @@ class Route(Generic[Req, Rep]):
 
 
 class _ReplayGuard:
-    """Refuses a signed context seen before while it is still valid (a replayed message)."""
+    """Refuses a signed context seen before while it is still valid (a replayed message).
 
-    def __init__(self) -> None:
-        self._seen: dict[str, float] = {}
-        self._next_purge = 0.0
+    Forgets each context as it expires, in expiry order (a heap): every request does a little
+    of the forgetting. A periodic sweep instead rebuilt the whole map, every context of the
+    last ~30 s (30,000 at 1,000 commands/s), in one go, and each command waiting meanwhile
+    waited milliseconds longer."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._seen: set[str] = set()
+        self._expiries: list[tuple[float, str]] = []  # a heap: the next to expire first
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
     def first_time(self, message_id: str, expires_at: float) -> bool:
-        now = time.time()
-        if now > self._next_purge:
-            self._seen = {k: v for k, v in self._seen.items() if v > now}
-            self._next_purge = now + 5.0
+        """True the first time ``message_id`` is seen (before ``expires_at``)."""
+        now = self._clock()
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            self._seen.discard(heapq.heappop(expiries)[1])
         if message_id in self._seen:
             return False
-        self._seen[message_id] = expires_at
+        self._seen.add(message_id)
+        heapq.heappush(expiries, (expires_at, message_id))
         return True
 
 
