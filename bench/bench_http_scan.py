@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_scan import double_admissions, pct, report, seed, wait_healthy  # noqa: E402
-from loadgen import run, settle_heap  # noqa: E402
+from loadgen import at_fixed_rate, run, settle_heap  # noqa: E402
 
 from libs.context import generate_key_pair  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
@@ -458,20 +458,11 @@ async def main() -> None:
             lat2: list[float] = []
             tally2: Counter = Counter()
             total = int(args.rate * args.rate_seconds)
-            tasks = []
             settle_heap()
             cpu0, t0 = meter.sample(), time.perf_counter()
-            late = 0
             seen0 = await scrape(probe, service_ports)
-            for i in range(total):
-                due = t0 + i / args.rate
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                elif delay < -0.005:
-                    late += 1  # the client itself could not keep the schedule
-                tasks.append(asyncio.create_task(scan_one(devices[i % len(devices)], lat2, tally2)))
-            await asyncio.gather(*tasks)
+            # (late: requests the client itself could not start on schedule)
+            late = await at_fixed_rate(args.rate, total, lambda i: scan_one(devices[i % len(devices)], lat2, tally2))
             elapsed = time.perf_counter() - t0
             cpu1 = meter.sample()
             summary(f"fixed {args.rate:,.0f}/s, {len(devices)} devices", lat2, elapsed, tally2)

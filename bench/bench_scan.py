@@ -43,7 +43,7 @@ from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.servers import free_port, resolve_server_urls  # noqa: E402
 from libs.settings import Settings  # noqa: E402
-from loadgen import PresignedContexts, run, settle_heap  # noqa: E402
+from loadgen import PresignedContexts, at_fixed_rate, run, settle_heap  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -248,17 +248,10 @@ async def main() -> None:
         lat2: list[float] = []
         tally2 = {"accepted": 0, "rejected": 0, "errors": 0}
         total = int(args.rate * args.rate_seconds)
-        tasks = []
         before = await service_sums(ports[0])
         settle_heap()
         t0 = time.perf_counter()
-        for i in range(total):
-            due = t0 + i / args.rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(scan_one(devices[i % len(devices)], lat2, tally2)))
-        await asyncio.gather(*tasks)
+        await at_fixed_rate(args.rate, total, lambda i: scan_one(devices[i % len(devices)], lat2, tally2))
         report(f"fixed {args.rate:,.0f}/s", lat2, time.perf_counter() - t0, **tally2)
         print(await service_figures(ports[0], before), flush=True)
 
