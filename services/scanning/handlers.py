@@ -175,6 +175,8 @@ class AccessControl:
 
     @staticmethod
     def _mark_if_duplicate(item: dict[str, Any], known: Admission | None) -> None:
+        if known is None:
+            return  # (the usual case, checked twice per entry: no parsing for it)
         dup = duplicate_of(known, event_id=UUID(item["event_id"]), direction=Direction(item["dir"]),
                            device_id=item["device"], nonce=item["nonce"])
         if dup is not None:
