@@ -158,7 +158,8 @@ class ServiceRuntime:
         await ensure_streams(self.js, duplicate_window=s.events_duplicate_window_seconds)
         if self.uses_redis and s.redis_url:
             self.redis = RedisStore(s.redis_url, timeout=s.redis_timeout_seconds)
-        self.relay = OutboxRelay(self.pool, self.js, self.name, batch_size=s.outbox_batch_size)
+        self.relay = OutboxRelay(self.pool, self.js, self.name, batch_size=s.outbox_batch_size,
+                                 poll_interval=s.outbox_poll_seconds)
         self.relay.start()
         for fn in self._on_start:
             await fn()

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     consumer_max_deliver: int = 5
     consumer_backoff_seconds: str = "0.2,1,5,15"
     outbox_batch_size: int = 500
+    outbox_poll_seconds: float = Field(
+        default=1.0, gt=0,
+        description="How often the outbox relay looks for unpublished rows when nothing woke it "
+        "(a commit normally wakes it at once).",
+    )
     gc_thresholds: tuple[int, int, int] = Field(
         default=(5_000, 20, 100),
         description="Python's garbage-collector thresholds for a service process (gc.set_threshold).",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Callable
 from uuid import UUID
 
 import asyncpg
@@ -24,10 +24,14 @@ _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.Seria
 
 
 class ScanningStore:
-    """All of scanning's SQL."""
+    """All of scanning's SQL.
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    ``outbox_written`` is called after every call that committed outbox rows: the service wakes
+    its outbox relay with it, since scanning's outbox does not notify (migration 0004)."""
+
+    def __init__(self, pool: asyncpg.Pool, outbox_written: Callable[[], None] = lambda: None) -> None:
         self._pool = pool
+        self._outbox_written = outbox_written
 
     async def decide(self, org_id: UUID, now: datetime, scans: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Decide, record and apply a batch of one tenant's scans in one statement (one
@@ -51,9 +55,11 @@ class ScanningStore:
             try:
                 async with self._pool.acquire(timeout=2.0) as conn:
                     # one JSON array, not a row per scan: one decode for the whole batch
-                    return await conn.fetchval(
+                    decisions = await conn.fetchval(
                         "SELECT coalesce(jsonb_agg(d), '[]') FROM decide_scans($1, $2, $3) d", org_id, now, scans
                     )
+                self._outbox_written()  # every scan has its event
+                return decisions
             except _RETRYABLE:
                 # cannot happen between our own batches (tickets are locked in code order), but a
                 # retry is the right answer to any serialization failure
@@ -93,7 +99,10 @@ class ScanningStore:
     async def publish_occupancy_changes(self, limit: int = 100) -> int:
         """Queue one ``occupancy.changed`` per event whose occupancy changed (coalesced)."""
         async with self._pool.acquire(timeout=2.0) as conn:
-            return await conn.fetchval("SELECT publish_occupancy_changes($1)", limit)
+            queued = await conn.fetchval("SELECT publish_occupancy_changes($1)", limit)
+        if queued:
+            self._outbox_written()
+        return queued
 
     # -- the ticket registry (fed by payments' events) --------------------------------------------
 
