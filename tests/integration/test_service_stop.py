@@ -58,6 +58,24 @@ async def _sigterm(proc: subprocess.Popen, timeout: float) -> int | None:
     return None
 
 
+async def test_an_orderly_stop_closes_both_nats_connections_without_a_warning(server_urls, context_keys,
+                                                                                tmp_path):
+    # draining our own connections disconnects them: that is not the warning an operator
+    # watches for (NATS gone)
+    log = tmp_path / "scanning.log"
+    proc, port = _spawn({
+        "VGE_NATS_URL": server_urls["nats_url"], "VGE_DATABASE_URL": server_urls["database_url"],
+        "VGE_REDIS_URL": server_urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": context_keys[1],
+    }, log)  # fmt: skip
+    await _healthy(proc, port, log)
+    code = await _sigterm(proc, 20.0)
+    text = log.read_text(errors="replace")
+    assert code == 0, f"exit code {code}:\n{text[-3000:]}"
+    assert '"nats_disconnected"' not in text, text[-3000:]
+    assert '"connection": "vge-scanning"' in text and '"connection": "vge-scanning-outbox"' in text
+    assert text.count('"nats_closed"') == 2
+
+
 async def test_sigterm_after_nats_went_away_stops_cleanly(server_urls, context_keys, tmp_path):
     own_nats = NatsServer(tmp_path / "nats").start()
     log = tmp_path / "scanning.log"

@@ -60,6 +60,20 @@ async def test_every_accepted_scan_has_exactly_one_event(venue_factory, nc):
     assert e.correlation_id.startswith("corr-") and e.org_id == v.org
 
 
+async def test_events_leave_on_the_relays_own_connection(scanning, seed, nc):
+    # a relay pass (dozens of publishes, then their acks) must not sit in the connection that
+    # carries the command replies
+    v = await seed(tickets=3)
+    assert scanning.outbox_nc is not None and scanning.outbox_nc is not scanning.nc
+    published_before = scanning.outbox_nc.stats["out_msgs"]
+    for code in v.tickets:
+        assert (await v.scan(code)).result == "accepted"
+    events = await _events(nc.jetstream(), f"vge.evt.{v.org}.scanning.scan.accepted", expect=3)
+    assert len(events) == 3
+    assert scanning.outbox_nc.stats["out_msgs"] - published_before >= 3
+    assert (await scanning.health())["checks"]["nats"] is True
+
+
 async def test_the_service_wakes_its_relay_without_notifying(start_service, seed, nc, admin_dsn):
     # scanning's commits do not NOTIFY (migration 0004): the relay must be woken by the
     # service itself. With a poll interval of an hour, only that wake can publish in time.
