@@ -40,7 +40,9 @@ from libs.log import bound_correlation, get_logger
 from libs.subjects import command as command_subject
 from libs.subjects import command_queue
 
-__all__ = ["CommandRouter", "CommandClient", "Route", "STATUS_HEADER", "CORRELATION_HEADER"]
+__all__ = [
+    "CommandRouter", "CommandClient", "Route", "STATUS_HEADER", "CORRELATION_HEADER", "flush_in_order",
+]
 
 log = get_logger(__name__)
 
@@ -58,6 +60,21 @@ COMMAND_SECONDS = Histogram(
     ["subject"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+
+
+async def flush_in_order(nc: NATS, timeout: float = 5.0) -> None:
+    """Return once the server has processed every command sent on ``nc`` so far, subscriptions
+    above all: after it, a message published on any connection reaches them.
+
+    ``nc.flush()`` alone does not promise that (nats-py 2.16): it writes its PING straight to the
+    socket, ahead of the commands its flusher task has not written yet, so the PONG can come back
+    before the server has seen a SUB made just before it. A broadcast published right after was
+    lost that way (a test, about one full run in fifteen). Waiting until the flusher has written
+    everything puts the PING behind those commands."""
+    async with asyncio.timeout(timeout):
+        while nc.pending_data_size:
+            await asyncio.sleep(0.001)
+        await nc.flush(timeout)
 
 
 @dataclass(frozen=True)

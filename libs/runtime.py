@@ -33,7 +33,7 @@ from libs.nats_auth import connect_options
 from libs.outbox import OutboxRelay
 from libs.redis_store import RedisStore
 from libs.settings import Settings
-from libs.commands import CommandRouter
+from libs.commands import CommandRouter, flush_in_order
 
 __all__ = ["ServiceRuntime", "MissingConfiguration", "watch_gc_pauses"]
 
@@ -170,6 +170,8 @@ class ServiceRuntime:
             await consumer.start()
             self._consumers.append(consumer)
         await self.router.start(self.nc)
+        # started means reachable: the server has every subscription before the log says so
+        await flush_in_order(self.nc)
         await self._start_http()
         self.log.info(
             "service_started",

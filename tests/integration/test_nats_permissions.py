@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
 from libs.actor import Actor, ActorType, Role
-from libs.commands import CommandClient, CommandRouter
+from libs.commands import CommandClient, CommandRouter, flush_in_order
 from libs.context import ContextSigner, ContextVerifier, load_public_keys
 from libs.contracts.catalog import EventCreated, TicketIssued, TicketTypeInfo
 from libs.envelope import Envelope
@@ -117,7 +117,7 @@ async def test_a_gateway_command_reaches_the_service_and_its_reply_comes_back(
         return Pong(n=cmd.n + 1, by=ctx.actor.user_id)
 
     await router.start(scanning.nc)
-    await scanning.nc.flush()
+    await flush_in_order(scanning.nc)
     org = uuid.uuid4()
     reply = await CommandClient(gateway.nc, signer).request(
         "vge.cmd.scanning.ping", Ping(n=41), actor=_device(org), org_id=org, correlation_id="c1"
@@ -132,15 +132,15 @@ async def test_no_service_may_publish_a_command(login, user: str):
     subject = "vge.cmd.payments.refund_checkout"
     listener, service, gateway = await login("admin"), await login(user), await login("gateway")
     received = await listener.nc.subscribe(subject)
-    await listener.nc.flush()
+    await flush_in_order(listener.nc)
 
     await service.nc.publish(subject, b"forged")
-    await service.nc.flush()
+    await flush_in_order(service.nc)
     assert "permissions violation for publish" in await service.error(subject)
     # the server refused the forged message before it sent the error; a message the gateway
     # publishes after that is the first one the listener gets
     await gateway.nc.publish(subject, b"from the gateway")
-    await gateway.nc.flush()
+    await flush_in_order(gateway.nc)
     first = await received.next_msg(timeout=5)
     assert first.data == b"from the gateway"
 
@@ -200,7 +200,7 @@ async def test_the_gateways_feeds_work_under_its_user(login):
     scanning = await login("scanning")
     feed = OccupancyFeed(replica1.nc)
     queue = await feed.watch(org, event_id)
-    await replica1.nc.flush()
+    await flush_in_order(replica1.nc)
     js = scanning.nc.jetstream()
     await ensure_streams(js)
     changed = Envelope(type="occupancy.changed", org_id=org, actor=Actor.system("scanning", org),
@@ -211,7 +211,7 @@ async def test_the_gateways_feeds_work_under_its_user(login):
     forgotten: asyncio.Queue[str] = asyncio.Queue()
     listening = RevocationBroadcast(replica2.nc, forgotten.put_nowait)
     await listening.start()
-    await replica2.nc.flush()
+    await flush_in_order(replica2.nc)
     await RevocationBroadcast(replica1.nc, lambda _: None).announce("key-1")
     try:
         assert await asyncio.wait_for(forgotten.get(), 5) == "key-1"

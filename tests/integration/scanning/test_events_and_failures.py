@@ -181,8 +181,13 @@ async def test_sigkill_mid_load_loses_and_duplicates_no_event(seed, nc, server_u
                     pass  # the service died under us; the device would retry
 
         load = asyncio.gather(*(device(n) for n in range(16)))
-        await asyncio.sleep(0.4)
+        # kill once the load is under way, not after a fixed time: a slow start must not leave
+        # nothing answered (nor a fast one everything)
+        async with asyncio.timeout(20):
+            while len(replies) < 100:
+                await asyncio.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
+        killed_after = len(replies)
         proc.wait(10)
         await load
         proc, port = _spawn(server_urls, context_keys)
@@ -205,7 +210,7 @@ async def test_sigkill_mid_load_loses_and_duplicates_no_event(seed, nc, server_u
             await conn.close()
         assert len(accepted) == 600  # every ticket admitted exactly once
         assert {str(r.scan_id) for r in replies if r.result == "accepted"} <= accepted
-        assert answered  # the load really ran before the kill
+        assert answered and killed_after < 600  # the kill really came in the middle of the load
         events = await _events(nc.jetstream(), f"vge.evt.{v.org}.scanning.scan.accepted", expect=600)
         ids = [str(ScanAccepted.from_envelope(e).scan_id) for e in events]
         assert len(ids) == len(set(ids)) == 600
