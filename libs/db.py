@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from contextvars import ContextVar
+from typing import AsyncIterator, Callable
 from urllib.parse import quote, urlsplit, urlunsplit
 from uuid import UUID
 
@@ -25,6 +26,7 @@ __all__ = [
     "create_pool",
     "tenant_transaction",
     "tenant_transaction_on",
+    "after_commit",
     "rollback_quietly",
     "platform_read_transaction",
     "service_role",
@@ -136,12 +138,34 @@ async def tenant_transaction_on(
     org = str(UUID(str(org_id)))
     mode = " READ ONLY" if readonly else ""
     await conn.execute(f"BEGIN{mode}; SELECT set_config('vge.org_id', '{org}', true)")
+    committed: list[Callable[[], None]] = []
+    token = _AFTER_COMMIT.set(committed)
     try:
-        yield conn
-    except BaseException:
-        await rollback_quietly(conn)
-        raise
-    await conn.execute("COMMIT")
+        try:
+            yield conn
+        except BaseException:
+            await rollback_quietly(conn)
+            raise
+        await conn.execute("COMMIT")
+    finally:
+        _AFTER_COMMIT.reset(token)
+    for fn in committed:
+        fn()
+
+
+# the callbacks of the tenant transaction the current task is in (see after_commit)
+_AFTER_COMMIT: ContextVar[list[Callable[[], None]] | None] = ContextVar("vge_after_commit", default=None)
+
+
+def after_commit(fn: Callable[[], None]) -> bool:
+    """Call ``fn`` once the tenant transaction this task is in has committed (never if it
+    rolls back). False, and nothing registered, outside one (e.g. in a plain
+    ``conn.transaction()``)."""
+    callbacks = _AFTER_COMMIT.get()
+    if callbacks is None:
+        return False
+    callbacks.append(fn)
+    return True
 
 
 async def rollback_quietly(conn: asyncpg.Connection) -> None:

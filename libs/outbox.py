@@ -4,6 +4,14 @@ A service writes its state change and the event row in one transaction (``add_ev
 relay publishes unpublished rows to JetStream with ``Nats-Msg-Id`` = event id and marks them
 published. A crash between publish and mark republishes the row, and JetStream's duplicate
 window drops the copy; NATS being down only delays publication, the rows wait.
+
+Waking the relay: a commit that wrote rows wakes this process's relay of that schema directly
+(``add_events`` in a ``libs.db`` tenant transaction does it after the commit; code that writes
+rows in its own SQL calls ``outbox_committed``). Only a writer with no relay of the schema in its
+process (a CLI), or outside a tenant transaction, asks the database to NOTIFY the relay at
+commit (``libs/sql/0002``): a notifying commit holds a database-wide lock through its WAL flush,
+so concurrent notifying commits flush one after the other. The relay also polls
+(``poll_interval``) in case a wake-up is lost.
 """
 
 from __future__ import annotations
@@ -16,12 +24,12 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 
 from libs.background import cancel_and_wait
-from libs.db import CONNECTION_ERRORS, check_identifier
+from libs.db import CONNECTION_ERRORS, after_commit, check_identifier
 from libs.envelope import Envelope
 from libs.log import get_logger
 from libs.subjects import event as event_subject
 
-__all__ = ["add_events", "outbox_rows", "OutboxRelay"]
+__all__ = ["add_events", "outbox_rows", "outbox_committed", "OutboxRelay"]
 
 log = get_logger(__name__)
 
@@ -55,10 +63,15 @@ def outbox_rows(
 
 
 async def add_events(conn: asyncpg.Connection, service: str, events: Iterable[Envelope]) -> None:
-    """Queue events in the caller's transaction; they are published after it commits."""
+    """Queue events in the caller's transaction; they are published after it commits (and the
+    relay is woken then: see the module's docstring)."""
     ids, orgs, subjects, payloads = outbox_rows(service, events)
     if not ids:
         return
+    if not (_relays.get(service) and after_commit(lambda: outbox_committed(service))):
+        # no relay of this schema in this process, or no commit to wait for here: the INSERT's
+        # trigger reads this and has the database notify the relay at commit
+        await conn.execute("SELECT set_config('vge.outbox_notify', 'on', true)")
     await conn.execute(
         "INSERT INTO outbox (event_id, organization_id, subject, payload) "
         "SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bytea[])",
@@ -67,6 +80,17 @@ async def add_events(conn: asyncpg.Connection, service: str, events: Iterable[En
         list(subjects),
         list(payloads),
     )
+
+
+# this process's running relays, by schema
+_relays: dict[str, set["OutboxRelay"]] = {}
+
+
+def outbox_committed(schema: str) -> None:
+    """Wake this process's relays of ``schema``: call right after a commit that wrote outbox
+    rows without ``add_events`` (rows inserted by a SQL function)."""
+    for relay in _relays.get(schema, ()):
+        relay.wake()
 
 
 class OutboxRelay:
@@ -85,7 +109,7 @@ class OutboxRelay:
         min_pass_interval: float = 0.05,
     ) -> None:
         """``min_pass_interval``: passes start at most this often. Under load every commit
-        notifies; a pass per notification would cost two statements and a gather for a handful
+        wakes the relay; a pass per wake-up would cost two statements and a gather for a handful
         of rows, taking CPU from the work that commits. Waiting this long gathers them (an
         event waits at most this much longer; a lone one, not at all)."""
         self._pool = pool
@@ -156,17 +180,20 @@ class OutboxRelay:
         return int(status.split()[-1])
 
     def start(self) -> None:
-        """Run the relay in the background until ``stop``."""
+        """Run the relay in the background until ``stop``; commits of this process that write
+        the schema's outbox wake it from now on."""
         self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self._schema}")
+        _relays.setdefault(self._schema, set()).add(self)
 
     async def stop(self) -> None:
         """Stop after the current batch."""
+        _relays.get(self._schema, set()).discard(self)
         await cancel_and_wait(self._task)
         self._task = None
         await self._unlisten()
 
     def wake(self) -> None:
-        """Publish now (called by the NOTIFY listener, or by code that just committed)."""
+        """Publish now (called by code of this process that just committed outbox rows)."""
         self._wakeup.set()
 
     async def _listen(self) -> None:
@@ -222,7 +249,7 @@ class OutboxRelay:
                     last_purge = loop.time()
                     await self.purge_published()
                 try:
-                    # the poll interval covers a lost NOTIFY (e.g. listener reconnecting)
+                    # the poll interval covers a lost wake-up (e.g. listener reconnecting)
                     await asyncio.wait_for(self._wakeup.wait(), self._poll_interval)
                 except TimeoutError:
                     pass

@@ -44,10 +44,8 @@ def build(settings: Settings) -> ServiceRuntime:
         return runtime.components["access"]
 
     async def wire() -> None:
-        assert runtime.pool is not None and runtime.relay is not None
-        runtime.components["access"] = AccessControl(
-            ScanningStore(runtime.pool, outbox_written=runtime.relay.wake), AdmissionClaims(runtime.redis)
-        )
+        assert runtime.pool is not None
+        runtime.components["access"] = AccessControl(ScanningStore(runtime.pool), AdmissionClaims(runtime.redis))
         runtime.components["occupancy_ticker"] = asyncio.create_task(
             _publish_occupancy(access().store)
         )

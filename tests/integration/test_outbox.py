@@ -12,7 +12,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 from libs.actor import Actor
-from libs.db import create_pool, service_dsn, tenant_transaction
+from libs.db import after_commit, create_pool, service_dsn, tenant_transaction
 from libs.envelope import Envelope
 from libs.jetstream import ensure_streams
 from libs.migrations import migrate
@@ -181,7 +181,7 @@ async def test_two_relays_share_the_outbox_without_duplicates(pool, schema, nc):
 
 
 async def test_an_event_committed_during_a_relay_pass_is_published_at_once(pool, schema, nc):
-    """The commit's NOTIFY arrives while the relay is still publishing the batch before: the
+    """The commit's wake-up arrives while the relay is still publishing the batch before: the
     relay must go round again at once, not wait for its poll (30 s here)."""
     js = nc.jetstream()
     await ensure_streams(js)
@@ -197,7 +197,7 @@ async def test_an_event_committed_during_a_relay_pass_is_published_at_once(pool,
         if passes == 2:  # the pass that published the first event: now the second commits
             async with tenant_transaction(pool, org) as conn:
                 await add_events(conn, schema, [_event(org, 2)])
-            await asyncio.sleep(0.3)  # its NOTIFY is in before this pass ends
+            await asyncio.sleep(0.3)  # its wake-up is in before this pass ends
         return published
 
     relay.publish_pending = pass_during_which_another_event_commits  # type: ignore[method-assign]
@@ -245,3 +245,77 @@ async def test_a_stopped_relay_leaves_no_pooled_connection_listening(admin_dsn, 
 
 async def _listen_conn_of(relay: OutboxRelay):
     return relay._listen_conn  # (async: _wait_for awaits its predicate)
+
+
+async def _notifications(admin_dsn: str, schema: str):
+    """An admin connection listening to ``schema``'s outbox channel, and what it heard."""
+    listener = await asyncpg.connect(admin_dsn)
+    heard: list[str] = []
+    await listener.add_listener(f"vge_outbox_{schema}", lambda *args: heard.append(args[1]))
+    return listener, heard
+
+
+async def test_a_commit_wakes_its_own_process_relay_without_notifying(pool, schema, nc, admin_dsn):
+    # a notifying commit holds a database-wide lock through its WAL flush (libs/sql/0002): with
+    # a relay of the schema in this process, the commit wakes it and the database says nothing.
+    # With an hour's poll interval, only that wake-up can publish in time.
+    js = nc.jetstream()
+    await ensure_streams(js)
+    org = uuid.uuid4()
+    relay = OutboxRelay(pool, js, schema, poll_interval=3600.0)
+    relay.start()
+    listener, heard = await _notifications(admin_dsn, schema)
+    try:
+        await asyncio.sleep(0.2)  # the relay's first pass found nothing: it waits now
+        async with tenant_transaction(pool, org) as conn:
+            await add_events(conn, schema, [_event(org, 1)])
+
+        async def published():
+            return len(await _stream_messages(js, f"vge.evt.{org}.>")) == 1
+
+        await _wait_for(published, timeout=10.0)
+        await asyncio.sleep(0.2)  # (a notification would be in by now)
+        assert heard == []
+    finally:
+        await listener.close()
+        await relay.stop()
+
+
+async def test_a_writer_with_no_relay_in_its_process_has_the_database_notify(pool, schema, admin_dsn):
+    # e.g. the vge CLI: the relay that must publish its rows runs in the service's process
+    listener, heard = await _notifications(admin_dsn, schema)
+    try:
+        org = uuid.uuid4()
+        async with tenant_transaction(pool, org) as conn:
+            await add_events(conn, schema, [_event(org, 1)])
+        await _wait_for(lambda: asyncio.sleep(0, heard), timeout=5.0)
+        # an outbox row written outside a libs.db tenant transaction notifies as well, as does
+        # nothing else: a row inserted without add_events (a service's SQL function) does not
+        async with pool.acquire() as conn:
+            async with conn.transaction():
+                await add_events(conn, schema, [_event(org, 2)])
+            await _wait_for(lambda: asyncio.sleep(0, len(heard) == 2), timeout=5.0)
+            await conn.execute("SELECT set_config('vge.org_id', $1, false)", str(org))
+            await conn.execute(
+                "INSERT INTO outbox (event_id, organization_id, subject, payload) VALUES ($1, $2, 's', '')",
+                uuid.uuid4(), org)
+        await asyncio.sleep(0.3)
+        assert len(heard) == 2
+    finally:
+        await listener.close()
+
+
+async def test_after_commit_runs_after_a_commit_only(pool):
+    ran: list[str] = []
+    assert after_commit(lambda: ran.append("outside")) is False  # no transaction to wait for
+    async with tenant_transaction(pool, uuid.uuid4()) as conn:
+        assert after_commit(lambda: ran.append("committed")) is True
+        assert await conn.fetchval("SELECT 1") == 1
+        assert ran == []  # not yet: the transaction is still open
+    assert ran == ["committed"]
+    with pytest.raises(RuntimeError):
+        async with tenant_transaction(pool, uuid.uuid4()):
+            after_commit(lambda: ran.append("rolled back"))
+            raise RuntimeError("the change fails")
+    assert ran == ["committed"]
+    assert after_commit(lambda: ran.append("after")) is False

@@ -43,7 +43,7 @@ from libs.actor import Actor
 from libs.batching import TenantBatches
 from libs.db import create_pool, rollback_quietly, tenant_transaction_on
 from libs.envelope import Envelope
-from libs.outbox import outbox_rows
+from libs.outbox import outbox_committed, outbox_rows
 from services.payments.domain.checkout import (
     CheckoutStatus,
     FailureReason,
@@ -532,6 +532,7 @@ class PaymentsStore:
             [i.quantity for i in items], [i.unit_price.amount for i in items],
             event_of, event_ids, subjects, payloads,
         )  # fmt: skip
+        outbox_committed(SERVICE_SCHEMA)  # the statement was its own transaction
         outcomes: list[Any] = [None] * len(batch)
         for r in rows:
             if r["existing"] is not None:
@@ -546,7 +547,7 @@ class PaymentsStore:
         event_ids, _, subjects, payloads = new.outbox
         items = new.items
         try:
-            return await self.pool.fetchval(
+            existing = await self.pool.fetchval(
                 "SELECT checkout_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, "
                 "$13, $14, $15)",
                 org_id, new.checkout_id, new.event_id, new.customer_email, new.total.amount,
@@ -555,6 +556,8 @@ class PaymentsStore:
                 [i.quantity for i in items], [i.unit_price.amount for i in items],
                 event_ids, subjects, payloads,
             )  # fmt: skip
+            outbox_committed(SERVICE_SCHEMA)
+            return existing
         except asyncpg.RaiseError as exc:
             if exc.message == "vge_sold_out":
                 raise SoldOut(exc.detail or "?", int(exc.hint or 0)) from exc
@@ -639,6 +642,7 @@ class PaymentsStore:
             [l.amount.amount for l in lines], [l.amount.currency for l in lines],
             event_of, event_ids, subjects, payloads,
         )  # fmt: skip
+        outbox_committed(SERVICE_SCHEMA)
         return list(moved)
 
     async def _finish_one(self, f: _Finish) -> None:
@@ -660,6 +664,7 @@ class PaymentsStore:
             event_ids, subjects, payloads,
             _saga_lock_key(checkout.checkout_id) if session.locked else None,
         )  # fmt: skip
+        outbox_committed(SERVICE_SCHEMA)
         if not done:
             raise LostRace(f"checkout {checkout.checkout_id} is no longer {checkout.status}")
         session.locked = False  # let go of by the statement

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -14,9 +14,11 @@ from libs.contracts.catalog import EventCreated, TicketCancelled, TicketIssued
 from libs.db import CONNECTION_ERRORS, mark_processed, tenant_transaction
 from libs.envelope import Envelope
 from libs.errors import Unavailable
+from libs.outbox import outbox_committed
 
 __all__ = ["ScanningStore", "SPLIT_AT"]
 
+SCHEMA = "scanning"
 SPLIT_AT = 2_000  # scans in one batch from which it is decided as two transactions at once
 
 _REGISTRY_EVENTS = {EventCreated.event_type, TicketIssued.event_type, TicketCancelled.event_type}
@@ -24,14 +26,12 @@ _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.Seria
 
 
 class ScanningStore:
-    """All of scanning's SQL.
+    """All of scanning's SQL. Every call that commits outbox rows wakes the process's relay
+    right after (``outbox_committed``): the rows are written by SQL functions, and scanning's
+    outbox has no trigger at all (migration 0004)."""
 
-    ``outbox_written`` is called after every call that committed outbox rows: the service wakes
-    its outbox relay with it, since scanning's outbox does not notify (migration 0004)."""
-
-    def __init__(self, pool: asyncpg.Pool, outbox_written: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
-        self._outbox_written = outbox_written
 
     async def decide(self, org_id: UUID, now: datetime, scans: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Decide, record and apply a batch of one tenant's scans in one statement (one
@@ -58,7 +58,7 @@ class ScanningStore:
                     decisions = await conn.fetchval(
                         "SELECT coalesce(jsonb_agg(d), '[]') FROM decide_scans($1, $2, $3) d", org_id, now, scans
                     )
-                self._outbox_written()  # every scan has its event
+                outbox_committed(SCHEMA)  # every scan has its event
                 return decisions
             except _RETRYABLE:
                 # cannot happen between our own batches (tickets are locked in code order), but a
@@ -101,7 +101,7 @@ class ScanningStore:
         async with self._pool.acquire(timeout=2.0) as conn:
             queued = await conn.fetchval("SELECT publish_occupancy_changes($1)", limit)
         if queued:
-            self._outbox_written()
+            outbox_committed(SCHEMA)
         return queued
 
     # -- the ticket registry (fed by payments' events) --------------------------------------------
