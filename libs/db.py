@@ -26,6 +26,7 @@ __all__ = [
     "create_pool",
     "tenant_transaction",
     "tenant_transaction_on",
+    "transaction_on",
     "after_commit",
     "rollback_quietly",
     "platform_read_transaction",
@@ -137,12 +138,32 @@ async def tenant_transaction_on(
     """
     org = str(UUID(str(org_id)))
     mode = " READ ONLY" if readonly else ""
-    await conn.execute(f"BEGIN{mode}; SELECT set_config('vge.org_id', '{org}', true)")
+    async with _committing(conn, f"BEGIN{mode}; SELECT set_config('vge.org_id', '{org}', true)"):
+        yield conn
+
+
+@asynccontextmanager
+async def transaction_on(conn: asyncpg.Connection, *, isolation: str = "read committed",
+                         readonly: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction with no tenant set, for a service's own writes across tenants (the audit
+    log's chains); unlike asyncpg's ``conn.transaction()``, ``after_commit`` works in it."""
+    if isolation not in ("read committed", "repeatable read", "serializable"):
+        raise ValueError(f"unknown isolation level {isolation!r}")
+    mode = " READ ONLY" if readonly else ""
+    async with _committing(conn, f"BEGIN ISOLATION LEVEL {isolation.upper()}{mode}"):
+        yield conn
+
+
+@asynccontextmanager
+async def _committing(conn: asyncpg.Connection, begin: str) -> AsyncIterator[None]:
+    """Run ``begin``, then COMMIT after the block (ROLLBACK if it raised), then the block's
+    ``after_commit`` callbacks."""
+    await conn.execute(begin)
     committed: list[Callable[[], None]] = []
     token = _AFTER_COMMIT.set(committed)
     try:
         try:
-            yield conn
+            yield
         except BaseException:
             await rollback_quietly(conn)
             raise
@@ -158,9 +179,9 @@ _AFTER_COMMIT: ContextVar[list[Callable[[], None]] | None] = ContextVar("vge_aft
 
 
 def after_commit(fn: Callable[[], None]) -> bool:
-    """Call ``fn`` once the tenant transaction this task is in has committed (never if it
-    rolls back). False, and nothing registered, outside one (e.g. in a plain
-    ``conn.transaction()``)."""
+    """Call ``fn`` once the transaction this task is in (``tenant_transaction`` and the like,
+    ``transaction_on``) has committed; never if it rolls back. False, and nothing registered,
+    outside one (e.g. in asyncpg's own ``conn.transaction()``)."""
     callbacks = _AFTER_COMMIT.get()
     if callbacks is None:
         return False

@@ -6,9 +6,9 @@ published. A crash between publish and mark republishes the row, and JetStream's
 window drops the copy; NATS being down only delays publication, the rows wait.
 
 Waking the relay: a commit that wrote rows wakes this process's relay of that schema directly
-(``add_events`` in a ``libs.db`` tenant transaction does it after the commit; code that writes
+(``add_events`` in a ``libs.db`` transaction does it after the commit; code that writes
 rows in its own SQL calls ``outbox_committed``). Only a writer with no relay of the schema in its
-process (a CLI), or outside a tenant transaction, asks the database to NOTIFY the relay at
+process (a CLI), or outside a ``libs.db`` transaction, asks the database to NOTIFY the relay at
 commit (``libs/sql/0002``): a notifying commit holds a database-wide lock through its WAL flush,
 so concurrent notifying commits flush one after the other. The relay also polls
 (``poll_interval``) in case a wake-up is lost.

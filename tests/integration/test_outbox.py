@@ -12,7 +12,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 from libs.actor import Actor
-from libs.db import after_commit, create_pool, service_dsn, tenant_transaction
+from libs.db import after_commit, create_pool, service_dsn, tenant_transaction, transaction_on
 from libs.envelope import Envelope
 from libs.jetstream import ensure_streams
 from libs.migrations import migrate
@@ -319,3 +319,9 @@ async def test_after_commit_runs_after_a_commit_only(pool):
             raise RuntimeError("the change fails")
     assert ran == ["committed"]
     assert after_commit(lambda: ran.append("after")) is False
+    async with pool.acquire() as conn:  # a transaction of no tenant (the audit log's)
+        async with transaction_on(conn, isolation="repeatable read"):
+            assert await conn.fetchval("SHOW transaction_isolation") == "repeatable read"
+            assert after_commit(lambda: ran.append("no tenant")) is True
+            assert ran == ["committed"]
+        assert ran == ["committed", "no tenant"] and not conn.is_in_transaction()

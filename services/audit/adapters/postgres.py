@@ -22,7 +22,7 @@ from uuid import UUID
 
 import asyncpg
 
-from libs.db import tenant_transaction
+from libs.db import tenant_transaction, transaction_on
 from libs.envelope import Envelope
 from libs.outbox import add_events
 from services.audit.domain import (
@@ -156,7 +156,7 @@ class PostgresAuditLog:
         appended: list[Record] = []
         heads: list[tuple[UUID, int, str]] = []
         async with self._pool.acquire() as conn:
-            async with conn.transaction():
+            async with transaction_on(conn):  # (after_commit: add_events wakes the relay)
                 locked = await conn.fetch(
                     _LOCK_HEADS, [e.organization_id for e in unique.values()], list(unique)
                 )

@@ -144,6 +144,31 @@ async def test_platform_admin_read_of_a_tenant_is_recorded_in_its_chain(bench, t
         await published.unsubscribe()
 
 
+async def test_the_record_of_a_read_wakes_the_relay_without_notifying(start_service, bench, admin_dsn):
+    # the audit log's own events (a platform admin's read) are committed in a transaction of
+    # no tenant: it wakes the service's relay itself, no NOTIFY (libs/sql/0002). With an hour's
+    # poll interval, only that wake-up publishes in time.
+    await start_service(build, outbox_poll_seconds=3600.0)
+    org = uuid.uuid4()
+    await bench.publish([bench.sample_event(org, 0)])
+    await bench.wait_for_records(org, 1)
+    listener = await asyncpg.connect(admin_dsn)
+    notified: list[str] = []
+    await listener.add_listener("vge_outbox_audit", lambda *args: notified.append(args[1]))
+    published = await bench.js.pull_subscribe(
+        f"vge.evt.{org}.audit.>", stream=EVENTS_STREAM,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
+    try:
+        await bench.query(org, bench.PLATFORM_ADMIN)
+        msgs = await published.fetch(1, timeout=10)
+        assert Envelope.from_bytes(msgs[0].data).type == "audit.cross_tenant_read"
+        assert notified == []
+    finally:
+        await published.unsubscribe()
+        await listener.close()
+
+
 async def test_platform_admin_must_name_the_tenant(bench, two_tenants):
     with pytest.raises(InvalidInput):
         await bench.commands.request(
