@@ -159,8 +159,8 @@ async def _committing(conn: asyncpg.Connection, begin: str) -> AsyncIterator[Non
     """Run ``begin``, then COMMIT after the block (ROLLBACK if it raised), then the block's
     ``after_commit`` callbacks."""
     await conn.execute(begin)
-    committed: list[Callable[[], None]] = []
-    token = _AFTER_COMMIT.set(committed)
+    pending = _Commit()
+    token = _AFTER_COMMIT.set(pending)
     try:
         try:
             yield
@@ -170,22 +170,35 @@ async def _committing(conn: asyncpg.Connection, begin: str) -> AsyncIterator[Non
         await conn.execute("COMMIT")
     finally:
         _AFTER_COMMIT.reset(token)
-    for fn in committed:
+        # a task started inside the block holds a copy of this context: what it registers
+        # after the end is refused, not silently never run
+        pending.ended = True
+    for fn in pending.callbacks:
         fn()
 
 
-# the callbacks of the tenant transaction the current task is in (see after_commit)
-_AFTER_COMMIT: ContextVar[list[Callable[[], None]] | None] = ContextVar("vge_after_commit", default=None)
+class _Commit:
+    """The ``after_commit`` callbacks of one ``libs.db`` transaction."""
+
+    __slots__ = ("callbacks", "ended")
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[], None]] = []
+        self.ended = False
+
+
+# the transaction the current task is in (see after_commit)
+_AFTER_COMMIT: ContextVar[_Commit | None] = ContextVar("vge_after_commit", default=None)
 
 
 def after_commit(fn: Callable[[], None]) -> bool:
     """Call ``fn`` once the transaction this task is in (``tenant_transaction`` and the like,
     ``transaction_on``) has committed; never if it rolls back. False, and nothing registered,
     outside one (e.g. in asyncpg's own ``conn.transaction()``)."""
-    callbacks = _AFTER_COMMIT.get()
-    if callbacks is None:
+    pending = _AFTER_COMMIT.get()
+    if pending is None or pending.ended:
         return False
-    callbacks.append(fn)
+    pending.callbacks.append(fn)
     return True
 
 

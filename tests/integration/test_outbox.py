@@ -325,3 +325,14 @@ async def test_after_commit_runs_after_a_commit_only(pool):
             assert after_commit(lambda: ran.append("no tenant")) is True
             assert ran == ["committed"]
         assert ran == ["committed", "no tenant"] and not conn.is_in_transaction()
+    # a task started inside a transaction (its context copied) that registers after the end
+    ended = asyncio.Event()
+
+    async def late() -> bool:
+        await ended.wait()
+        return after_commit(lambda: ran.append("late"))
+
+    async with tenant_transaction(pool, uuid.uuid4()):
+        task = asyncio.create_task(late())
+    ended.set()
+    assert await task is False and ran == ["committed", "no tenant"]
