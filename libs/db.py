@@ -21,6 +21,7 @@ import orjson
 
 from libs.actor import Actor
 from libs.errors import Forbidden, Unavailable
+from libs.log import get_logger
 
 __all__ = [
     "create_pool",
@@ -174,7 +175,10 @@ async def _committing(conn: asyncpg.Connection, begin: str) -> AsyncIterator[Non
         # after the end is refused, not silently never run
         pending.ended = True
     for fn in pending.callbacks:
-        fn()
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - the transaction has committed: never report it failed
+            _log.warning("after_commit_failed", callback=repr(fn), error=repr(exc))
 
 
 class _Commit:
@@ -186,6 +190,8 @@ class _Commit:
         self.callbacks: list[Callable[[], None]] = []
         self.ended = False
 
+
+_log = get_logger(__name__)
 
 # the transaction the current task is in (see after_commit)
 _AFTER_COMMIT: ContextVar[_Commit | None] = ContextVar("vge_after_commit", default=None)

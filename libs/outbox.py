@@ -89,8 +89,11 @@ _relays: dict[str, set["OutboxRelay"]] = {}
 def outbox_committed(schema: str) -> None:
     """Wake this process's relays of ``schema``: call right after a commit that wrote outbox
     rows without ``add_events`` (rows inserted by a SQL function)."""
-    for relay in _relays.get(schema, ()):
-        relay.wake()
+    for relay in list(_relays.get(schema, ())):
+        try:
+            relay.wake()
+        except RuntimeError:  # its event loop is closed (a relay never stopped): forget it
+            _relays[schema].discard(relay)
 
 
 class OutboxRelay:

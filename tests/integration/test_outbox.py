@@ -16,7 +16,7 @@ from libs.db import after_commit, create_pool, service_dsn, tenant_transaction, 
 from libs.envelope import Envelope
 from libs.jetstream import ensure_streams
 from libs.migrations import migrate
-from libs.outbox import OutboxRelay, add_events
+from libs.outbox import OutboxRelay, add_events, outbox_committed
 from libs.servers import NatsServer
 from libs.subjects import EVENTS_STREAM
 
@@ -336,3 +336,30 @@ async def test_after_commit_runs_after_a_commit_only(pool):
         task = asyncio.create_task(late())
     ended.set()
     assert await task is False and ran == ["committed", "no tenant"]
+
+
+async def test_a_failing_after_commit_callback_never_fails_the_committed_transaction(pool, schema):
+    def broken() -> None:
+        raise RuntimeError("Event loop is closed")  # e.g. a relay of a loop that has ended
+
+    org = uuid.uuid4()
+    async with tenant_transaction(pool, org) as conn:
+        after_commit(broken)
+        await add_events(conn, schema, [_event(org, 1)])
+    async with pool.acquire() as conn:  # it committed, and the caller saw no error
+        assert await conn.fetchval("SELECT count(*) FROM outbox WHERE organization_id = $1", org) == 1
+
+
+def test_a_relay_whose_loop_has_closed_is_forgotten_not_raised(schema):
+    import libs.outbox
+
+    class LeftOver:  # a relay never stopped, its event loop gone: waking it raises
+        def wake(self) -> None:
+            raise RuntimeError("Event loop is closed")
+
+    libs.outbox._relays[schema] = {LeftOver()}
+    try:
+        outbox_committed(schema)
+        assert libs.outbox._relays[schema] == set()
+    finally:
+        libs.outbox._relays.pop(schema, None)
