@@ -11,8 +11,9 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Awaitable, Callable, Iterator
 
+import asyncpg
 import nats
 import pytest
 from nats.aio.client import Client as NATS
@@ -76,6 +77,25 @@ def context_keys() -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def signer(context_keys: tuple[str, str]) -> ContextSigner:
     return ContextSigner(load_private_key(context_keys[0]))
+
+
+@pytest.fixture
+async def outbox_notifications(admin_dsn: str) -> AsyncIterator[Callable[[str], Awaitable[list[int]]]]:
+    """``await listen(schema)``: a list that fills with the notifications of ``schema``'s outbox
+    channel from now on (the notifying backend's pid each) (heard on an admin connection of its own, closed after the test). The
+    outbox notifies only for a writer with no relay in its process (libs/sql/0002)."""
+    listeners: list[asyncpg.Connection] = []
+
+    async def listen(schema: str) -> list[int]:
+        conn = await asyncpg.connect(admin_dsn)
+        listeners.append(conn)
+        heard: list[int] = []
+        await conn.add_listener(f"vge_outbox_{schema}", lambda *args: heard.append(args[1]))
+        return heard
+
+    yield listen
+    for conn in listeners:
+        await conn.close()
 
 
 @pytest.fixture

@@ -247,15 +247,7 @@ async def _listen_conn_of(relay: OutboxRelay):
     return relay._listen_conn  # (async: _wait_for awaits its predicate)
 
 
-async def _notifications(admin_dsn: str, schema: str):
-    """An admin connection listening to ``schema``'s outbox channel, and what it heard."""
-    listener = await asyncpg.connect(admin_dsn)
-    heard: list[str] = []
-    await listener.add_listener(f"vge_outbox_{schema}", lambda *args: heard.append(args[1]))
-    return listener, heard
-
-
-async def test_a_commit_wakes_its_own_process_relay_without_notifying(pool, schema, nc, admin_dsn):
+async def test_a_commit_wakes_its_own_process_relay_without_notifying(pool, schema, nc, outbox_notifications):
     # a notifying commit holds a database-wide lock through its WAL flush (libs/sql/0002): with
     # a relay of the schema in this process, the commit wakes it and the database says nothing.
     # With an hour's poll interval, only that wake-up can publish in time.
@@ -264,7 +256,7 @@ async def test_a_commit_wakes_its_own_process_relay_without_notifying(pool, sche
     org = uuid.uuid4()
     relay = OutboxRelay(pool, js, schema, poll_interval=3600.0)
     relay.start()
-    listener, heard = await _notifications(admin_dsn, schema)
+    heard = await outbox_notifications(schema)
     try:
         await asyncio.sleep(0.2)  # the relay's first pass found nothing: it waits now
         async with tenant_transaction(pool, org) as conn:
@@ -277,32 +269,29 @@ async def test_a_commit_wakes_its_own_process_relay_without_notifying(pool, sche
         await asyncio.sleep(0.2)  # (a notification would be in by now)
         assert heard == []
     finally:
-        await listener.close()
         await relay.stop()
 
 
-async def test_a_writer_with_no_relay_in_its_process_has_the_database_notify(pool, schema, admin_dsn):
+async def test_a_writer_with_no_relay_in_its_process_has_the_database_notify(pool, schema,
+                                                                           outbox_notifications):
     # e.g. the vge CLI: the relay that must publish its rows runs in the service's process
-    listener, heard = await _notifications(admin_dsn, schema)
-    try:
-        org = uuid.uuid4()
-        async with tenant_transaction(pool, org) as conn:
-            await add_events(conn, schema, [_event(org, 1)])
-        await _wait_for(lambda: asyncio.sleep(0, heard), timeout=5.0)
-        # an outbox row written outside a libs.db tenant transaction notifies as well, as does
-        # nothing else: a row inserted without add_events (a service's SQL function) does not
-        async with pool.acquire() as conn:
-            async with conn.transaction():
-                await add_events(conn, schema, [_event(org, 2)])
-            await _wait_for(lambda: asyncio.sleep(0, len(heard) == 2), timeout=5.0)
-            await conn.execute("SELECT set_config('vge.org_id', $1, false)", str(org))
-            await conn.execute(
-                "INSERT INTO outbox (event_id, organization_id, subject, payload) VALUES ($1, $2, 's', '')",
-                uuid.uuid4(), org)
-        await asyncio.sleep(0.3)
-        assert len(heard) == 2
-    finally:
-        await listener.close()
+    heard = await outbox_notifications(schema)
+    org = uuid.uuid4()
+    async with tenant_transaction(pool, org) as conn:
+        await add_events(conn, schema, [_event(org, 1)])
+    await _wait_for(lambda: asyncio.sleep(0, heard), timeout=5.0)
+    # an outbox row written outside a libs.db tenant transaction notifies as well, as does
+    # nothing else: a row inserted without add_events (a service's SQL function) does not
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            await add_events(conn, schema, [_event(org, 2)])
+        await _wait_for(lambda: asyncio.sleep(0, len(heard) == 2), timeout=5.0)
+        await conn.execute("SELECT set_config('vge.org_id', $1, false)", str(org))
+        await conn.execute(
+            "INSERT INTO outbox (event_id, organization_id, subject, payload) VALUES ($1, $2, 's', '')",
+            uuid.uuid4(), org)
+    await asyncio.sleep(0.3)
+    assert len(heard) == 2
 
 
 async def test_after_commit_runs_after_a_commit_only(pool):

@@ -256,26 +256,22 @@ async def test_checkout_completes_with_tickets_a_balanced_entry_and_events(payme
     assert view["status"] == "completed" and sorted(t["ticket_code"] for t in view["tickets"]) == sorted(codes)
 
 
-async def test_each_step_wakes_the_relay_itself_without_notifying(start_service, commands, nc, org, admin_dsn):
+async def test_each_step_wakes_the_relay_itself_without_notifying(start_service, commands, nc, org,
+                                                                  outbox_notifications):
     # payments' commits do not NOTIFY (libs/sql/0002): each step wakes the service's relay
     # itself, the SQL-function steps included. With an hour's poll interval, only those
     # wake-ups publish in time; each step's events are awaited before the next step runs.
     await start_service(partial(build, hold_ttl_seconds=60, sweep_interval_seconds=0.2),
                         outbox_poll_seconds=3600.0)
     pay = Payments(commands, org)
-    listener = await asyncpg.connect(admin_dsn)
-    notified: list[str] = []
-    await listener.add_listener("vge_outbox_payments", lambda *args: notified.append(args[1]))
-    try:
-        event = await pay.event(quantity=10)  # add_events in a tenant transaction
-        await published(nc, org, count_types(event__created=1))
-        checkout = await pay.checkout(event["event_id"])  # checkout_create
-        await published(nc, org, count_types(checkout__created=1))
-        await pay.complete(checkout["checkout_id"])  # the saga's steps, then checkout_finish
-        await published(nc, org, count_types(checkout__completed=1, ticket__issued=1))
-        assert notified == []
-    finally:
-        await listener.close()
+    notified = await outbox_notifications("payments")
+    event = await pay.event(quantity=10)  # add_events in a tenant transaction
+    await published(nc, org, count_types(event__created=1))
+    checkout = await pay.checkout(event["event_id"])  # checkout_create
+    await published(nc, org, count_types(checkout__created=1))
+    await pay.complete(checkout["checkout_id"])  # the saga's steps, then checkout_finish
+    await published(nc, org, count_types(checkout__completed=1, ticket__issued=1))
+    assert notified == []
 
 
 async def test_completing_again_with_the_same_key_returns_the_first_result_and_charges_once(

@@ -144,7 +144,8 @@ async def test_platform_admin_read_of_a_tenant_is_recorded_in_its_chain(bench, t
         await published.unsubscribe()
 
 
-async def test_the_record_of_a_read_wakes_the_relay_without_notifying(start_service, bench, admin_dsn):
+async def test_the_record_of_a_read_wakes_the_relay_without_notifying(start_service, bench,
+                                                                    outbox_notifications):
     # the audit log's own events (a platform admin's read) are committed in a transaction of
     # no tenant: it wakes the service's relay itself, no NOTIFY (libs/sql/0002). With an hour's
     # poll interval, only that wake-up publishes in time.
@@ -152,9 +153,7 @@ async def test_the_record_of_a_read_wakes_the_relay_without_notifying(start_serv
     org = uuid.uuid4()
     await bench.publish([bench.sample_event(org, 0)])
     await bench.wait_for_records(org, 1)
-    listener = await asyncpg.connect(admin_dsn)
-    notified: list[str] = []
-    await listener.add_listener("vge_outbox_audit", lambda *args: notified.append(args[1]))
+    notified = await outbox_notifications("audit")
     published = await bench.js.pull_subscribe(
         f"vge.evt.{org}.audit.>", stream=EVENTS_STREAM,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
@@ -166,7 +165,6 @@ async def test_the_record_of_a_read_wakes_the_relay_without_notifying(start_serv
         assert notified == []
     finally:
         await published.unsubscribe()
-        await listener.close()
 
 
 async def test_platform_admin_must_name_the_tenant(bench, two_tenants):

@@ -74,29 +74,24 @@ async def test_events_leave_on_the_relays_own_connection(scanning, seed, nc):
     assert (await scanning.health())["checks"]["nats"] is True
 
 
-async def test_the_service_wakes_its_relay_without_notifying(start_service, seed, nc, admin_dsn):
+async def test_the_service_wakes_its_relay_without_notifying(start_service, seed, nc, outbox_notifications):
     # scanning's commits do not NOTIFY (migration 0004): the relay must be woken by the
     # service itself. With a poll interval of an hour, only that wake can publish in time.
     await start_service(build, outbox_poll_seconds=3600.0)
     v = await seed(tickets=2)
-    listener = await asyncpg.connect(admin_dsn)
-    notified: list[str] = []
-    await listener.add_listener("vge_outbox_scanning", lambda *args: notified.append(args[1]))
+    notified = await outbox_notifications("scanning")
     js = nc.jetstream()
-    try:
-        # a rejected scan changes no occupancy: only the decision's own wake publishes it
-        rejected = await v.scan("TKT-unknown")
-        assert rejected.reason == "unknown_ticket"
-        events = await _events(js, f"vge.evt.{v.org}.scanning.scan.rejected", expect=1)
-        assert [e.data["scan_id"] for e in events] == [str(rejected.scan_id)]
-        # the occupancy publisher's row comes after the scan's: its own wake publishes it
-        accepted = await v.scan(v.tickets[0])
-        assert accepted.result == "accepted"
-        changed = await _events(js, f"vge.evt.{v.org}.scanning.occupancy.changed", expect=1)
-        assert [e.data["inside"] for e in changed] == [1]
-        assert notified == []
-    finally:
-        await listener.close()
+    # a rejected scan changes no occupancy: only the decision's own wake publishes it
+    rejected = await v.scan("TKT-unknown")
+    assert rejected.reason == "unknown_ticket"
+    events = await _events(js, f"vge.evt.{v.org}.scanning.scan.rejected", expect=1)
+    assert [e.data["scan_id"] for e in events] == [str(rejected.scan_id)]
+    # the occupancy publisher's row comes after the scan's: its own wake publishes it
+    accepted = await v.scan(v.tickets[0])
+    assert accepted.result == "accepted"
+    changed = await _events(js, f"vge.evt.{v.org}.scanning.occupancy.changed", expect=1)
+    assert [e.data["inside"] for e in changed] == [1]
+    assert notified == []
 
 
 async def test_occupancy_changed_is_coalesced(venue_factory, nc):
