@@ -87,11 +87,14 @@ async def service_sums(port: int) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             key = name.split("{")[0]
             sums[key] = sums.get(key, 0.0) + float(value)
+        elif line.startswith('vge_event_loop_lag_seconds_bucket{le="0.01"}'):
+            sums["loop_on_time_10ms"] = float(line.rpartition(" ")[2])
     return sums
 
 
 async def service_figures(port: int, before: dict[str, float] | None = None) -> str:
-    """Means of the service's own histograms (batch size, batch time, command time), over
+    """Means of the service's own histograms (batch size, batch time, command time) and how
+    often its event loop stalled for over 10 ms (``vge_event_loop_lag_seconds``), over
     what it did since ``before`` (``service_sums``) or since it started."""
     sums = await service_sums(port)
     for key, value in (before or {}).items():
@@ -102,7 +105,10 @@ async def service_figures(port: int, before: dict[str, float] | None = None) -> 
 
     return (f"service: mean batch {mean('vge_scan_batch_size'):.1f} scans, "
             f"{mean('vge_scan_batch_seconds') * 1000:.1f} ms per batch, "
-            f"{mean('vge_command_seconds') * 1000:.1f} ms per command")
+            f"{mean('vge_command_seconds') * 1000:.1f} ms per command, "
+            f"event loop late > 10 ms "
+            f"{sums.get('vge_event_loop_lag_seconds_count', 0.0) - sums.get('loop_on_time_10ms', 0.0):.0f} times "
+            f"(mean {mean('vge_event_loop_lag_seconds') * 1000:.2f} ms, every 20 ms)")
 
 
 async def double_admissions(dsn: str, org: uuid.UUID) -> int:

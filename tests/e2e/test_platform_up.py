@@ -80,6 +80,9 @@ def test_vge_up_starts_everything_and_stops_cleanly(tmp_path: Path):
         asyncio.run(_nats_admits_only_its_users(stack["nats_url"], passwords_file))
         metrics = httpx.get(stack["gateway_url"] + "/metrics", timeout=2)
         assert metrics.status_code == 200 and "python_info" in metrics.text
+        # the process watches its event loop (a timer every 20 ms, each one observed)
+        lag = [line for line in metrics.text.splitlines() if line.startswith("vge_event_loop_lag_seconds_count")]
+        assert lag and float(lag[0].rpartition(" ")[2]) > 0
         # the demo tenant: a device scans a sold ticket over HTTP (the gateway and the services
         # talking on a NATS that enforces who may publish what)
         demo_file = data_dir / "demo.json"
