@@ -9,7 +9,9 @@ events of the phase before (it prints how many were still waiting and how long t
 each is measured on a settled system, not on one still working off an overload. Prints
 throughput, p50/p95/p99, accepted/rejected counts and the number of double admissions found in
 the database (must be 0). The scanning service runs as its own process, as in production;
-servers come from VGE_*_URL or are started locally.
+servers come from VGE_*_URL or are started locally. After phases 1 and 2 it prints where the
+machine's cores went (the service, postgres, nats-server, redis-server, this load generator)
+and how often the service's event loop stalled: all share this machine's two cores.
 """
 
 from __future__ import annotations
@@ -109,6 +111,51 @@ async def service_figures(port: int, before: dict[str, float] | None = None) -> 
             f"event loop late > 10 ms "
             f"{sums.get('vge_event_loop_lag_seconds_count', 0.0) - sums.get('loop_on_time_10ms', 0.0):.0f} times "
             f"(mean {mean('vge_event_loop_lag_seconds') * 1000:.2f} ms, every 20 ms)")
+
+
+def cpu_by_program() -> dict[str, float]:
+    """CPU seconds used so far by each program on this machine, by name (the scanning service,
+    postgres with all its processes, nats-server, redis-server, this load generator), and by the
+    whole machine under ``"busy"``. Linux's /proc; empty where there is none."""
+    if not os.path.exists("/proc/stat"):
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue  # ended meanwhile
+        if int(pid) == os.getpid():
+            name = "load generator"
+        elif b"services.scanning" in argv:
+            name = "scanning service"
+        else:
+            # ("postgres: vge_scanning ...", "redis-server 127.0.0.1:6379": titles they set)
+            name = argv[0].decode(errors="replace").split(":")[0].split(" ")[0].rpartition("/")[2]
+            if not name:
+                continue  # a kernel thread
+        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    with open("/proc/stat") as f:
+        cpu = [int(v) for v in f.readline().split()[1:]]
+    used["busy"] = (sum(cpu) - cpu[3] - cpu[4]) / tick  # all but idle and iowait
+    return used
+
+
+def cpu_report(before: dict[str, float], elapsed: float) -> str:
+    """Cores each program used since ``before`` (``cpu_by_program``): where the machine's
+    two cores went during a phase."""
+    after = cpu_by_program()
+    if not after:
+        return "cpu: (no /proc here)"
+    cores = {name: (after[name] - before.get(name, 0.0)) / elapsed for name in after}
+    busy = cores.pop("busy")
+    top = sorted(((c, n) for n, c in cores.items() if c >= 0.01), reverse=True)
+    return (f"cpu (cores): machine busy {busy:.2f} of {os.cpu_count()} | "
+            + ", ".join(f"{n} {c:.2f}" for c, n in top))
 
 
 async def double_admissions(dsn: str, org: uuid.UUID) -> int:
@@ -244,9 +291,11 @@ async def main() -> None:
 
         print(f"flat out for {args.seconds:.0f}s (service pid {service.pid}) ...", flush=True)
         settle_heap()
+        cpu = cpu_by_program()
         t0 = time.perf_counter()
         await asyncio.gather(*(device_loop(d) for d in devices))
         report(f"flat out, {args.devices} devices", lat, time.perf_counter() - t0, **tally)
+        print(cpu_report(cpu, time.perf_counter() - t0), flush=True)
         print(await service_figures(ports[0]), flush=True)
 
         # phase 2: fixed rate, open loop
@@ -256,9 +305,11 @@ async def main() -> None:
         total = int(args.rate * args.rate_seconds)
         before = await service_sums(ports[0])
         settle_heap()
+        cpu = cpu_by_program()
         t0 = time.perf_counter()
         await at_fixed_rate(args.rate, total, lambda i: scan_one(devices[i % len(devices)], lat2, tally2))
         report(f"fixed {args.rate:,.0f}/s", lat2, time.perf_counter() - t0, **tally2)
+        print(cpu_report(cpu, time.perf_counter() - t0), flush=True)
         print(await service_figures(ports[0], before), flush=True)
 
         # phase 3: one offline batch
