@@ -163,6 +163,30 @@ async def test_batcher_keeps_at_most_two_batches_of_a_tenant_under_way():
     assert calls == [1, 29, 10]
 
 
+async def test_the_scan_batcher_takes_a_backlog_in_up_to_three_batches():
+    under_way = 0
+    most = 0
+    gate = asyncio.Event()
+
+    async def decide(org, now, scans):
+        nonlocal under_way, most
+        under_way += 1
+        most = max(most, under_way)
+        await gate.wait()
+        under_way -= 1
+        return [{"i": s["i"]} for s in scans]
+
+    batcher = DecisionBatcher(decide)  # as the service makes it
+    tasks = []
+    for burst in range(4):  # each burst a backlog (8 or more waiting) while the others wait
+        tasks += [asyncio.create_task(batcher.submit(ORG, {"code": f"{burst}-{n}"})) for n in range(10)]
+        for _ in range(3):
+            await asyncio.sleep(0)
+    assert most == 3
+    gate.set()
+    assert len(await asyncio.gather(*tasks)) == 40
+
+
 async def test_tier2_writes_after_the_decision_and_a_failure_is_only_logged():
     from structlog.testing import capture_logs
 
