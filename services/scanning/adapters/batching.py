@@ -5,8 +5,8 @@ beside the ones under way, up to ``in_flight``, so a burst does not wait for one
 time: the authority locks each batch's tickets in code order, so batches never deadlock and a
 ticket in two is decided by the later after the earlier.
 
-Three under way, not two: a backlog (after a stall of the service, e.g. an outbox relay pass)
-is worked off sooner. bench/bench_scan.py, 5 pairs (--seconds 8, --rate-seconds 8-10): p99 at
+Three under way, not two: a backlog (scans that queued while the service was busy for a
+moment, e.g. with an outbox relay pass) is worked off sooner. bench/bench_scan.py, 5 pairs (--seconds 8, --rate-seconds 8-10): p99 at
 1,000/s 9.0 ms mean (8.7-9.7) against 9.6 (9.0-10.7); flat out p99 27.5-28.1 against
 28.0-32.0 ms; flat-out throughput the same within noise (3,614-3,777 against 3,594-3,736/s).
 
