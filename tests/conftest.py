@@ -82,8 +82,9 @@ def signer(context_keys: tuple[str, str]) -> ContextSigner:
 @pytest.fixture
 async def outbox_notifications(admin_dsn: str) -> AsyncIterator[Callable[[str], Awaitable[list[int]]]]:
     """``await listen(schema)``: a list that fills with the notifications of ``schema``'s outbox
-    channel from now on (the notifying backend's pid each) (heard on an admin connection of its own, closed after the test). The
-    outbox notifies only for a writer with no relay in its process (libs/sql/0002)."""
+    channel from now on, the notifying backend's pid each. Heard on an admin connection of its
+    own, closed after the test. The outbox notifies only for a writer with no relay in its
+    process (libs/sql/0002)."""
     listeners: list[asyncpg.Connection] = []
 
     async def listen(schema: str) -> list[int]:

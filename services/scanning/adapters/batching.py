@@ -6,9 +6,10 @@ time: the authority locks each batch's tickets in code order, so batches never d
 ticket in two is decided by the later after the earlier.
 
 Three under way, not two: a backlog (scans that queued while the service was busy for a
-moment, e.g. with an outbox relay pass) is worked off sooner. bench/bench_scan.py, 5 pairs (--seconds 8, --rate-seconds 8-10): p99 at
-1,000/s 9.0 ms mean (8.7-9.7) against 9.6 (9.0-10.7); flat out p99 27.5-28.1 against
-28.0-32.0 ms; flat-out throughput the same within noise (3,614-3,777 against 3,594-3,736/s).
+moment, e.g. with an outbox relay pass) is worked off sooner. bench/bench_scan.py, 5 pairs
+(--seconds 8, --rate-seconds 8-10): p99 at 1,000/s 9.0 ms mean (8.7-9.7) against 9.6
+(9.0-10.7); flat out p99 27.5-28.1 against 28.0-32.0 ms; flat-out throughput the same within
+noise (3,614-3,777 against 3,594-3,736/s).
 
 Why not a second batch for every scan that finds the first busy: at a steady 1,000 scans/s that
 made batches of ~2 scans, and each batch costs the service and PostgreSQL about as much as
