@@ -91,6 +91,14 @@ async def service_sums(port: int) -> dict[str, float]:
             sums[key] = sums.get(key, 0.0) + float(value)
         elif line.startswith('vge_event_loop_lag_seconds_bucket{le="0.01"}'):
             sums["loop_on_time_10ms"] = float(line.rpartition(" ")[2])
+        if line.startswith("vge_command_seconds_") and 'subject="vge.cmd.scanning.scan"' in line:
+            # the scan command's own count and how many took at most 5 and 10 ms
+            value = float(line.rpartition(" ")[2])
+            if line.startswith("vge_command_seconds_count"):
+                sums["scans_count"] = value
+            for le in ("0.005", "0.01"):
+                if f'le="{le}"' in line:
+                    sums[f"commands_within_{le}"] = value
     return sums
 
 
@@ -105,9 +113,14 @@ async def service_figures(port: int, before: dict[str, float] | None = None) -> 
     def mean(metric: str) -> float:
         return sums.get(f"{metric}_sum", 0.0) / max(sums.get(f"{metric}_count", 0.0), 1.0)
 
+    def over(le: str) -> float:  # the share of scan commands the service took over ``le`` s for
+        scans = sums.get("scans_count", 0.0)
+        return (scans - sums.get(f"commands_within_{le}", 0.0)) / max(scans, 1.0)
+
     return (f"service: mean batch {mean('vge_scan_batch_size'):.1f} scans, "
             f"{mean('vge_scan_batch_seconds') * 1000:.1f} ms per batch, "
-            f"{mean('vge_command_seconds') * 1000:.1f} ms per command, "
+            f"{mean('vge_command_seconds') * 1000:.1f} ms per command "
+            f"({over('0.005'):.1%} over 5 ms, {over('0.01'):.2%} over 10 ms), "
             f"event loop late > 10 ms "
             f"{sums.get('vge_event_loop_lag_seconds_count', 0.0) - sums.get('loop_on_time_10ms', 0.0):.0f} times "
             f"(mean {mean('vge_event_loop_lag_seconds') * 1000:.2f} ms, every 20 ms)")
