@@ -3,6 +3,7 @@ numbers).
 
     .venv/bin/python bench/bench_decide.py                      # batches of 1, 2, 4, 8, 32
     .venv/bin/python bench/bench_decide.py --sizes 2 --calls 1000
+    .venv/bin/python bench/bench_decide.py --sizes 2 --candidate my_decide_scans.sql
 
 What it measures: the cost of one call of the authority, as the scanning service makes it (its
 login role, its pool settings, fsync on), for batches of fresh online entries, one call at a
@@ -11,6 +12,11 @@ scans recorded, tickets changed, events and occupancy written). Prints per batch
 median, p95 and p99 time of a call and the median per scan. A call's cost is mostly fixed (a
 round trip, the function's statements, a commit): at 1,000 scans/s the service's calls carry
 ~2 scans each, so this fixed part is most of PostgreSQL's work in bench/bench_scan.py.
+
+``--candidate FILE``: SQL run as the schema's owner (e.g. a ``CREATE OR REPLACE FUNCTION
+decide_scans ...`` being considered for a migration); each round then measures the migrated
+definition and the candidate one after the other, on the same server and the same tables, so
+a change of a few hundredths of a millisecond shows through the noise between runs.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Iterator
 
 import asyncpg
 
@@ -76,12 +83,42 @@ def scan(event_id: uuid.UUID, code: str, device: int) -> dict[str, object]:
             "corr": uuid.uuid4().hex[:16]}
 
 
+async def measure(admin: str, settings: Settings, org: uuid.UUID, event_id: uuid.UUID,
+                  codes: Iterator[str], sizes: list[int], calls: int, label: str) -> None:
+    """``calls`` calls of each batch size on a new connection of the service's role (its plans
+    are made afresh, for the definition in place now); prints the figures."""
+    pool = await create_pool(service_dsn(admin, "scanning", settings.db_role_password),
+                             schema="scanning", min_size=1, max_size=1)
+    sql = "SELECT coalesce(jsonb_agg(d), '[]') FROM decide_scans($1, $2, $3) d"
+    try:
+        async with pool.acquire() as conn:
+            for _ in range(20):  # warm up: plans cached, caches filled
+                await conn.fetchval(sql, org, datetime.now(UTC), [scan(event_id, next(codes), 0)])
+            for size in sizes:
+                times: list[float] = []
+                for n in range(calls):
+                    batch = [scan(event_id, next(codes), n + k) for k in range(size)]
+                    t0 = time.perf_counter()
+                    decided = await conn.fetchval(sql, org, datetime.now(UTC), batch)
+                    times.append(time.perf_counter() - t0)
+                    if [d["result"] for d in decided] != ["accepted"] * size:
+                        raise RuntimeError(f"a fresh ticket was not admitted: {decided}")
+                ms = [t * 1000 for t in times]
+                med = statistics.median(ms)
+                print(f"{label}, {size:>3} scans per call: p50 {med:.3f} ms  "
+                      f"p95 {pct(ms, 95):.3f} ms  p99 {pct(ms, 99):.3f} ms  "
+                      f"({med / size:.3f} ms per scan, {calls} calls)", flush=True)
+    finally:
+        await pool.close()
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1,2,4,8,32", help="scans per call, comma-separated")
     ap.add_argument("--calls", type=int, default=500, help="calls per batch size")
     ap.add_argument("--rounds", type=int, default=2, help="times to go through the sizes")
     ap.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--candidate", type=Path, help="SQL to compare with the migrated definition")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     configure_logging("WARNING", "console")
@@ -93,31 +130,26 @@ async def main() -> None:
         admin = urls["database_url"]
         await migrate(admin, "scanning", MIGRATIONS, role_password=settings.db_role_password)
         org, event_id = uuid.uuid4(), uuid.uuid4()
-        needed = sum(sizes) * args.calls * args.rounds + 1000
+        variants = ["migrated"] + (["candidate"] if args.candidate else [])
+        needed = (sum(sizes) * args.calls + 20) * args.rounds * len(variants) + 1000
         print(f"seeding {needed:,} tickets ...", flush=True)
         codes = iter(await seed(admin, org, event_id, needed))
-        pool = await create_pool(service_dsn(admin, "scanning", settings.db_role_password),
-                                 schema="scanning", min_size=1, max_size=1)
-        sql = "SELECT coalesce(jsonb_agg(d), '[]') FROM decide_scans($1, $2, $3) d"
-        async with pool.acquire() as conn:
-            for _ in range(20):  # warm up: plans cached, caches filled
-                await conn.fetchval(sql, org, datetime.now(UTC), [scan(event_id, next(codes), 0)])
+        definitions = {}
+        owner = await asyncpg.connect(admin)
+        try:
+            await owner.execute("SET ROLE vge_scanning_owner; SET search_path = scanning, vge")
+            definitions["migrated"] = await owner.fetchval(
+                "SELECT string_agg(pg_get_functiondef(oid), ';' || chr(10)) FROM pg_proc "
+                "WHERE proname = 'decide_scans' AND pronamespace = 'scanning'::regnamespace")
+            if args.candidate:
+                definitions["candidate"] = args.candidate.read_text()
             for rnd in range(args.rounds):
-                for size in sizes:
-                    times: list[float] = []
-                    for n in range(args.calls):
-                        batch = [scan(event_id, next(codes), n + k) for k in range(size)]
-                        t0 = time.perf_counter()
-                        decided = await conn.fetchval(sql, org, datetime.now(UTC), batch)
-                        times.append(time.perf_counter() - t0)
-                        if [d["result"] for d in decided] != ["accepted"] * size:
-                            raise RuntimeError(f"a fresh ticket was not admitted: {decided}")
-                    ms = [t * 1000 for t in times]
-                    med = statistics.median(ms)
-                    print(f"round {rnd + 1}, {size:>3} scans per call: p50 {med:.3f} ms  "
-                          f"p95 {pct(ms, 95):.3f} ms  p99 {pct(ms, 99):.3f} ms  "
-                          f"({med / size:.3f} ms per scan, {args.calls} calls)", flush=True)
-        await pool.close()
+                for variant in variants:
+                    await owner.execute(definitions[variant])
+                    await measure(admin, settings, org, event_id, codes, sizes, args.calls,
+                                  f"round {rnd + 1}, {variant}")
+        finally:
+            await owner.close()
     finally:
         if servers is not None:
             servers.stop()
