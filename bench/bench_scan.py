@@ -103,9 +103,11 @@ async def service_sums(port: int) -> dict[str, float]:
 
 
 async def service_figures(port: int, before: dict[str, float] | None = None) -> str:
-    """Means of the service's own histograms (batch size, batch time, command time) and how
-    often its event loop stalled for over 10 ms (``vge_event_loop_lag_seconds``), over
-    what it did since ``before`` (``service_sums``) or since it started."""
+    """Means of the service's own histograms (batch size, batch time, command time), the share
+    of scan commands it took over 5 and over 10 ms for (the rest of a client's latency is
+    transit: NATS, the event loops, waiting for a core), and how often its event loop stalled
+    for over 10 ms (``vge_event_loop_lag_seconds``), over what it did since ``before``
+    (``service_sums``) or since it started."""
     sums = await service_sums(port)
     for key, value in (before or {}).items():
         sums[key] = sums.get(key, 0.0) - value
