@@ -37,18 +37,13 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_scan import pct  # noqa: E402
 from libs.db import create_pool, service_dsn  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.migrations import migrate  # noqa: E402
 from libs.servers import resolve_server_urls  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from services.scanning.bootstrap import MIGRATIONS  # noqa: E402
-
-
-def pct(values: list[float], p: float) -> float:
-    """The ``p``-th percentile of ``values`` (nearest rank)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * p / 100))]
 
 
 async def seed(admin_dsn: str, org: uuid.UUID, event_id: uuid.UUID, tickets: int) -> list[str]:

@@ -16,6 +16,7 @@ def _sample(name: str, **labels: str) -> float:
 
 async def test_a_stall_of_the_loop_is_measured_as_long_as_it_was():
     longer_than_50ms = _sample("count") - _sample("bucket", le="0.05")
+    within_50ms = _sample("bucket", le="0.05")
     watch = runtime.watch_loop_lag(interval=0.005)
     try:
         assert runtime.watch_loop_lag() is watch  # one watch per loop
@@ -26,4 +27,4 @@ async def test_a_stall_of_the_loop_is_measured_as_long_as_it_was():
         watch.cancel()
     assert _sample("count") - _sample("bucket", le="0.05") >= longer_than_50ms + 1
     # (the watch's own timers, without a stall: on time or about, not 50 ms late)
-    assert _sample("bucket", le="0.05") >= 3
+    assert _sample("bucket", le="0.05") >= within_50ms + 3
