@@ -72,8 +72,8 @@ async def test_an_orderly_stop_closes_both_nats_connections_without_a_warning(se
     text = log.read_text(errors="replace")
     assert code == 0, f"exit code {code}:\n{text[-3000:]}"
     assert '"nats_disconnected"' not in text, text[-3000:]
-    assert '"connection": "vge-scanning"' in text and '"connection": "vge-scanning-outbox"' in text
-    assert text.count('"nats_closed"') == 2
+    assert '"connection": "vge-scanning"' in text and '"connection": "vge-scanning-outbox"' in text, text[-3000:]
+    assert text.count('"nats_closed"') == 2, text[-3000:]
 
 
 async def test_sigterm_after_nats_went_away_stops_cleanly(server_urls, context_keys, tmp_path):
