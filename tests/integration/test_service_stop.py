@@ -72,7 +72,8 @@ async def test_an_orderly_stop_closes_both_nats_connections_without_a_warning(se
     text = log.read_text(errors="replace")
     assert code == 0, f"exit code {code}:\n{text[-3000:]}"
     assert '"nats_disconnected"' not in text, text[-3000:]
-    assert '"connection": "vge-scanning"' in text and '"connection": "vge-scanning-outbox"' in text, text[-3000:]
+    for connection in ("vge-scanning", "vge-scanning-outbox"):
+        assert f'"connection": "{connection}"' in text, text[-3000:]
     assert text.count('"nats_closed"') == 2, text[-3000:]
 
 
