@@ -136,6 +136,9 @@ class ServiceRuntime:
         # the outbox relay's own connection (see start)
         self.outbox_nc: NATS | None = None
         self._stopping = False
+        # healthy means serving: from the end of start to the beginning of stop (a process
+        # answers /healthz from the middle of start on, and a SIGTERM there abandons the start)
+        self._serving = False
         self.pool: asyncpg.Pool | None = None
         self.redis: RedisStore | None = None
         self.relay: OutboxRelay | None = None
@@ -213,10 +216,12 @@ class ServiceRuntime:
             consumers=[c.durable for c in self._consumers],
             http_port=self.http_port,
         )
+        self._serving = True
 
     async def stop(self) -> None:
         """Stop in reverse order: no new commands, drain consumers, flush outbox, close."""
         self._stopping = True
+        self._serving = False
         self.log.info("service_stopping")
         await self.router.stop()
         for consumer in self._consumers:
@@ -300,9 +305,12 @@ class ServiceRuntime:
     # -- health ----------------------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
-        """Liveness of each dependency; ``status`` is ``ok`` only if all needed ones answer."""
+        """Liveness of each dependency; ``status`` is ``ok`` only if all needed ones answer and
+        the service is serving (started, not stopping): an orchestrator that sees ``ok`` may
+        send SIGTERM at once and gets an orderly stop."""
         checks: dict[str, bool] = {
-            "nats": all(nc is not None and nc.is_connected for nc in (self.nc, self.outbox_nc))
+            "serving": self._serving,
+            "nats": all(nc is not None and nc.is_connected for nc in (self.nc, self.outbox_nc)),
         }
         try:
             assert self.pool is not None
@@ -313,7 +321,7 @@ class ServiceRuntime:
         if self.redis is not None:
             # Redis is a fast path: without it the service is degraded, not down
             checks["redis"] = await self.redis.ping()
-        ok = checks["nats"] and checks["postgres"]
+        ok = checks["serving"] and checks["nats"] and checks["postgres"]
         return {
             "service": self.name,
             "status": "ok" if ok else "unavailable",

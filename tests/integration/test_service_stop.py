@@ -77,6 +77,34 @@ async def test_an_orderly_stop_closes_both_nats_connections_without_a_warning(se
     assert text.count('"nats_closed"') == 2, text[-3000:]
 
 
+async def test_healthy_means_started_so_a_sigterm_at_the_first_ok_stops_in_order(server_urls, context_keys,
+                                                                                   tmp_path):
+    # an orchestrator may stop a replica the moment it reports healthy (a rolling update): a
+    # /healthz that said ok before the start had finished made that SIGTERM abandon the start,
+    # with commands already being served and no connection drained
+    log = tmp_path / "scanning.log"
+    proc, port = _spawn({
+        "VGE_NATS_URL": server_urls["nats_url"], "VGE_DATABASE_URL": server_urls["database_url"],
+        "VGE_REDIS_URL": server_urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": context_keys[1],
+    }, log)  # fmt: skip
+    async with httpx.AsyncClient() as http:
+        for _ in range(30_000):  # asked as often as it can be, to land in any such window
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            try:
+                if (await http.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                await asyncio.sleep(0.01)  # not listening yet
+        else:
+            raise AssertionError("service not healthy in time:\n" + log.read_text(errors="replace")[-3000:])
+    code = await _sigterm(proc, 20.0)
+    text = log.read_text(errors="replace")
+    assert code == 0, f"exit code {code}:\n{text[-3000:]}"
+    assert '"stopped_while_starting"' not in text, text[-3000:]
+    assert '"service_stopped"' in text, text[-3000:]
+    assert text.count('"nats_closed"') == 2, text[-3000:]
+
+
 async def test_sigterm_after_nats_went_away_stops_cleanly(server_urls, context_keys, tmp_path):
     own_nats = NatsServer(tmp_path / "nats").start()
     log = tmp_path / "scanning.log"
