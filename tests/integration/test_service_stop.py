@@ -32,17 +32,28 @@ def _spawn(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-async def _healthy(proc: subprocess.Popen, port: int, log: Path) -> None:
+async def _healthy(proc: subprocess.Popen, port: int, log: Path, *, every: float = 0.1) -> None:
+    """Wait (up to 30 s) for the first 200 from ``/healthz``, asking every ``every`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30.0
     async with httpx.AsyncClient() as http:
-        for _ in range(300):
+        while loop.time() < deadline:
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
             try:
                 if (await http.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
                     return
             except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
+                await asyncio.sleep(max(every, 0.01))  # not listening yet
+                continue
+            await asyncio.sleep(every)
     raise AssertionError("service not healthy in time:\n" + log.read_text(errors="replace")[-3000:])
+
+
+def _env(server_urls: dict[str, str], context_keys: tuple[str, str], **overrides: str) -> dict[str, str]:
+    """The service's settings on the session's servers."""
+    return {"VGE_NATS_URL": server_urls["nats_url"], "VGE_DATABASE_URL": server_urls["database_url"],
+            "VGE_REDIS_URL": server_urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": context_keys[1],
+            **overrides}
 
 
 async def _sigterm(proc: subprocess.Popen, timeout: float) -> int | None:
@@ -63,10 +74,7 @@ async def test_an_orderly_stop_closes_both_nats_connections_without_a_warning(se
     # draining our own connections disconnects them: that is not the warning an operator
     # watches for (NATS gone)
     log = tmp_path / "scanning.log"
-    proc, port = _spawn({
-        "VGE_NATS_URL": server_urls["nats_url"], "VGE_DATABASE_URL": server_urls["database_url"],
-        "VGE_REDIS_URL": server_urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": context_keys[1],
-    }, log)  # fmt: skip
+    proc, port = _spawn(_env(server_urls, context_keys), log)
     await _healthy(proc, port, log)
     code = await _sigterm(proc, 20.0)
     text = log.read_text(errors="replace")
@@ -83,20 +91,8 @@ async def test_healthy_means_started_so_a_sigterm_at_the_first_ok_stops_in_order
     # /healthz that said ok before the start had finished made that SIGTERM abandon the start,
     # with commands already being served and no connection drained
     log = tmp_path / "scanning.log"
-    proc, port = _spawn({
-        "VGE_NATS_URL": server_urls["nats_url"], "VGE_DATABASE_URL": server_urls["database_url"],
-        "VGE_REDIS_URL": server_urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": context_keys[1],
-    }, log)  # fmt: skip
-    async with httpx.AsyncClient() as http:
-        for _ in range(30_000):  # asked as often as it can be, to land in any such window
-            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            try:
-                if (await http.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                await asyncio.sleep(0.01)  # not listening yet
-        else:
-            raise AssertionError("service not healthy in time:\n" + log.read_text(errors="replace")[-3000:])
+    proc, port = _spawn(_env(server_urls, context_keys), log)
+    await _healthy(proc, port, log, every=0.0)  # asked as often as it can be: no window missed
     code = await _sigterm(proc, 20.0)
     text = log.read_text(errors="replace")
     assert code == 0, f"exit code {code}:\n{text[-3000:]}"
@@ -108,10 +104,7 @@ async def test_healthy_means_started_so_a_sigterm_at_the_first_ok_stops_in_order
 async def test_sigterm_after_nats_went_away_stops_cleanly(server_urls, context_keys, tmp_path):
     own_nats = NatsServer(tmp_path / "nats").start()
     log = tmp_path / "scanning.log"
-    proc, port = _spawn({
-        "VGE_NATS_URL": own_nats.url, "VGE_DATABASE_URL": server_urls["database_url"],
-        "VGE_REDIS_URL": server_urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": context_keys[1],
-    }, log)  # fmt: skip
+    proc, port = _spawn(_env(server_urls, context_keys, VGE_NATS_URL=own_nats.url), log)
     try:
         await _healthy(proc, port, log)
         own_nats.stop()
