@@ -10,8 +10,10 @@ each is measured on a settled system, not on one still working off an overload. 
 throughput, p50/p95/p99, accepted/rejected counts and the number of double admissions found in
 the database (must be 0). The scanning service runs as its own process, as in production;
 servers come from VGE_*_URL or are started locally. After phases 1 and 2 it prints where the
-machine's cores went (the service, postgres, nats-server, redis-server, this load generator)
-and how often the service's event loop stalled: all share this machine's two cores.
+machine's cores went (the service, postgres, nats-server, redis-server, this load generator),
+how long the service and postgres waited for a core, and how often the service's event loop
+stalled: all share this machine's two cores. It times a fixed loop before and after (``host
+speed``): this VM's speed varies by the hour, and the figures move with it.
 """
 
 from __future__ import annotations
@@ -128,22 +130,26 @@ async def service_figures(port: int, before: dict[str, float] | None = None) -> 
             f"(mean {mean('vge_event_loop_lag_seconds') * 1000:.2f} ms, every 20 ms)")
 
 
-def cpu_by_program() -> dict[str, float]:
-    """CPU seconds used so far by each program on this machine, by name (the scanning service,
-    postgres with all its processes, nats-server, redis-server, this load generator), and by the
-    whole machine under ``"busy"``. Linux's /proc; empty where there is none."""
+def cpu_by_program() -> dict[str, tuple[float, float]]:
+    """Per program on this machine (the scanning service, postgres with all its processes,
+    nats-server, redis-server, this load generator), by name: the CPU seconds it used so far,
+    and the seconds it waited for a core while ready to run (its processes' main threads,
+    ``/proc/<pid>/schedstat``); the whole machine's busy seconds under ``"busy"``. Linux's
+    /proc; empty where there is none."""
     if not os.path.exists("/proc/stat"):
         return {}
     tick = os.sysconf("SC_CLK_TCK")
-    used: dict[str, float] = {}
+    used: dict[str, tuple[float, float]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
-        except OSError:
-            continue  # ended meanwhile
+            with open(f"/proc/{pid}/schedstat") as f:
+                waited = int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile (or no schedstat in this kernel)
         if int(pid) == os.getpid():
             name = "load generator"
         elif b"services.scanning" in argv:
@@ -153,24 +159,42 @@ def cpu_by_program() -> dict[str, float]:
             name = argv[0].decode(errors="replace").split(":")[0].split(" ")[0].rpartition("/")[2]
             if not name:
                 continue  # a kernel thread
-        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        cpu, wait = used.get(name, (0.0, 0.0))
+        used[name] = (cpu + (int(fields[11]) + int(fields[12])) / tick, wait + waited)
     with open("/proc/stat") as f:
         cpu = [int(v) for v in f.readline().split()[1:]]
-    used["busy"] = (sum(cpu) - cpu[3] - cpu[4]) / tick  # all but idle and iowait
+    used["busy"] = ((sum(cpu) - cpu[3] - cpu[4]) / tick, 0.0)  # all but idle and iowait
     return used
 
 
-def cpu_report(before: dict[str, float], elapsed: float) -> str:
+def cpu_report(before: dict[str, tuple[float, float]], elapsed: float) -> str:
     """Cores each program used since ``before`` (``cpu_by_program``): where the machine's
-    two cores went during a phase."""
+    two cores went during a phase; and the share of the phase the scanning service and
+    postgres were ready to run but waited for a core. (On this VM that wait is 10-20% of the
+    service's time while the machine shows ~0.5 core idle: its scheduler packs runnable
+    processes onto one core, ``/proc/sys/kernel/sched_vcpu_pack``.)"""
     after = cpu_by_program()
     if not after:
         return "cpu: (no /proc here)"
-    cores = {name: (after[name] - before.get(name, 0.0)) / elapsed for name in after}
+    cores = {name: (after[name][0] - before.get(name, (0.0, 0.0))[0]) / elapsed for name in after}
+    waits = {name: (after[name][1] - before.get(name, (0.0, 0.0))[1]) / elapsed for name in after}
     busy = cores.pop("busy")
     top = sorted(((c, n) for n, c in cores.items() if c >= 0.01), reverse=True)
     return (f"cpu (cores): machine busy {busy:.2f} of {os.cpu_count()} | "
-            + ", ".join(f"{n} {c:.2f}" for c, n in top))
+            + ", ".join(f"{n} {c:.2f}" for c, n in top)
+            + " | waited for a core: "
+            + ", ".join(f"{n} {waits.get(n, 0.0):.0%}" for n in ("scanning service", "postgres")))
+
+
+def host_speed() -> float:
+    """Seconds a fixed piece of pure-Python work takes on this machine right now (the same
+    VM ran it in 0.34 s in fast spells, 0.38-0.61 s in slow ones). Printed with the results
+    so runs are compared like with like; it shows a slow CPU, not the cost of waking a
+    process or waiting for a core, which moved the latencies as much (the ``waited for a
+    core`` figures show that one)."""
+    t0 = time.perf_counter()
+    sum(range(30_000_000))
+    return time.perf_counter() - t0
 
 
 async def double_admissions(dsn: str, org: uuid.UUID) -> int:
@@ -245,6 +269,7 @@ async def main() -> None:
                     help="sign the commands' contexts before each phase (see PresignedContexts)")
     args = ap.parse_args()
     configure_logging("WARNING", "console")
+    print(f"host speed: {host_speed():.3f} s for a fixed loop (lower is faster; see host_speed)", flush=True)
 
     data = Path(tempfile.mkdtemp(prefix="vge-bench-"))
     urls, servers = resolve_server_urls(Settings(), data, allow_docker=False, fsync=args.fsync)
@@ -344,6 +369,7 @@ async def main() -> None:
               f"({len(scans) / elapsed:,.0f} scans/s), accepted {ok}", flush=True)
 
         print(f"double admissions: {await double_admissions(urls['database_url'], org)}", flush=True)
+        print(f"host speed after: {host_speed():.3f} s", flush=True)
         await nc.close()
     finally:
         for proc in services:
