@@ -170,9 +170,9 @@ def cpu_by_program() -> dict[str, tuple[float, float]]:
 def cpu_report(before: dict[str, tuple[float, float]], elapsed: float) -> str:
     """Cores each program used since ``before`` (``cpu_by_program``): where the machine's
     two cores went during a phase; and the share of the phase the scanning service and
-    postgres were ready to run but waited for a core. (On this VM that wait is 10-20% of the
-    service's time while the machine shows ~0.5 core idle: its scheduler packs runnable
-    processes onto one core, ``/proc/sys/kernel/sched_vcpu_pack``.)"""
+    postgres were ready to run but waited for a core. (On this VM that was 12-22% of a phase
+    for the service and 16-30% for postgres while the machine showed ~0.5 core idle: its
+    kernel packs runnable processes onto one core, ``/proc/sys/kernel/sched_vcpu_pack``.)"""
     after = cpu_by_program()
     if not after:
         return "cpu: (no /proc here)"
