@@ -146,10 +146,13 @@ def cpu_by_program() -> dict[str, tuple[float, float]]:
                 fields = f.read().rpartition(")")[2].split()
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
+        except OSError:
+            continue  # ended meanwhile
+        try:
             with open(f"/proc/{pid}/schedstat") as f:
                 waited = int(f.read().split()[1]) / 1e9
         except (OSError, IndexError, ValueError):
-            continue  # ended meanwhile (or no schedstat in this kernel)
+            waited = 0.0  # ended meanwhile, or a kernel without schedstat: its CPU still counts
         if int(pid) == os.getpid():
             name = "load generator"
         elif b"services.scanning" in argv:
@@ -188,7 +191,7 @@ def cpu_report(before: dict[str, tuple[float, float]], elapsed: float) -> str:
 
 def host_speed() -> float:
     """Seconds a fixed piece of pure-Python work takes on this machine right now (the same
-    VM ran it in 0.34 s in fast spells, 0.38-0.61 s in slow ones). Printed with the results
+    VM ran it in 0.34 s in fast spells, 0.38-0.67 s in slow ones). Printed with the results
     so runs are compared like with like; it shows a slow CPU, not the cost of waking a
     process or waiting for a core, which moved the latencies as much (the ``waited for a
     core`` figures show that one)."""
