@@ -170,12 +170,16 @@ def cpu_by_program() -> dict[str, tuple[float, float]]:
     return used
 
 
-def cpu_report(before: dict[str, tuple[float, float]], elapsed: float) -> str:
+def cpu_report(before: dict[str, tuple[float, float]], elapsed: float, scans: int) -> str:
     """Cores each program used since ``before`` (``cpu_by_program``): where the machine's
-    two cores went during a phase; and the share of the phase the scanning service and
-    postgres were ready to run but waited for a core. (On this VM that was 12-22% of a phase
-    for the service and 16-30% for postgres while the machine showed ~0.5 core idle: its
-    kernel packs runnable processes onto one core, ``/proc/sys/kernel/sched_vcpu_pack``.)"""
+    two cores went during a phase; the share of the phase the scanning service and postgres
+    were ready to run but waited for a core (on this VM 12-22% of a phase for the service and
+    16-30% for postgres while the machine showed ~0.5 core idle: its kernel packs runnable
+    processes onto one core, ``/proc/sys/kernel/sched_vcpu_pack``); and the CPU each of the two
+    spent per scan of the phase's ``scans``. That last figure does not move with the waits, so
+    it compares changes across runs better than the latencies do (on a slow VM, 2026-12-07:
+    ~260 us of service CPU per scan flat out, ~600 us at 1,000/s, where each scan comes alone
+    and pays a round trip and a wake-up of its own)."""
     after = cpu_by_program()
     if not after:
         return "cpu: (no /proc here)"
@@ -186,7 +190,10 @@ def cpu_report(before: dict[str, tuple[float, float]], elapsed: float) -> str:
     return (f"cpu (cores): machine busy {busy:.2f} of {os.cpu_count()} | "
             + ", ".join(f"{n} {c:.2f}" for c, n in top)
             + " | waited for a core: "
-            + ", ".join(f"{n} {waits.get(n, 0.0):.0%}" for n in ("scanning service", "postgres")))
+            + ", ".join(f"{n} {waits.get(n, 0.0):.0%}" for n in ("scanning service", "postgres"))
+            + " | CPU per scan: "
+            + ", ".join(f"{n} {cores.get(n, 0.0) * elapsed / max(scans, 1) * 1e6:,.0f} us"
+                        for n in ("scanning service", "postgres")))
 
 
 def host_speed() -> float:
@@ -338,7 +345,7 @@ async def main() -> None:
         t0 = time.perf_counter()
         await asyncio.gather(*(device_loop(d) for d in devices))
         report(f"flat out, {args.devices} devices", lat, time.perf_counter() - t0, **tally)
-        print(cpu_report(cpu, time.perf_counter() - t0), flush=True)
+        print(cpu_report(cpu, time.perf_counter() - t0, sum(tally.values())), flush=True)
         print(await service_figures(ports[0]), flush=True)
 
         # phase 2: fixed rate, open loop
@@ -352,7 +359,7 @@ async def main() -> None:
         t0 = time.perf_counter()
         await at_fixed_rate(args.rate, total, lambda i: scan_one(devices[i % len(devices)], lat2, tally2))
         report(f"fixed {args.rate:,.0f}/s", lat2, time.perf_counter() - t0, **tally2)
-        print(cpu_report(cpu, time.perf_counter() - t0), flush=True)
+        print(cpu_report(cpu, time.perf_counter() - t0, sum(tally2.values())), flush=True)
         print(await service_figures(ports[0], before), flush=True)
 
         # phase 3: one offline batch
