@@ -11,9 +11,10 @@ throughput, p50/p95/p99, accepted/rejected counts and the number of double admis
 the database (must be 0). The scanning service runs as its own process, as in production;
 servers come from VGE_*_URL or are started locally. After phases 1 and 2 it prints where the
 machine's cores went (the service, postgres, nats-server, redis-server, this load generator),
-how long the service and postgres waited for a core, and how often the service's event loop
-stalled: all share this machine's two cores. It times a fixed loop before and after (``host
-speed``): this VM's speed varies by the hour, and the figures move with it.
+how long the service and postgres waited for a core and the CPU they spent per scan, and how
+often the service's event loop stalled: all share this machine's two cores. It times a fixed loop before and after (``host
+speed``), and the same small work right after a short sleep against back to back
+(``wake_penalty``): this VM's speed varies by the hour, and the figures move with it.
 """
 
 from __future__ import annotations
@@ -178,10 +179,11 @@ def cpu_report(before: dict[str, tuple[float, float]], elapsed: float, scans: in
     were ready to run but waited for a core (on this VM 12-22% of a phase for the service and
     16-30% for postgres while the machine showed ~0.5 core idle: its kernel packs runnable
     processes onto one core, ``/proc/sys/kernel/sched_vcpu_pack``); and the CPU each of the two
-    spent per scan of the phase's ``scans``. That last figure does not move with the waits, so
-    it compares changes across runs better than the latencies do (on a slow VM, 2026-12-07:
-    ~260 us of service CPU per scan flat out, ~600 us at 1,000/s, where each scan comes alone
-    and pays a round trip and a wake-up of its own)."""
+    spent per scan of the phase's ``scans``. That last figure moves with the host's speed but
+    not with the waits, so it compares changes better than the latencies do. The same commit
+    on 2026-12-07: service 248-404 us per scan flat out (host speed 0.43-0.63 s), 570-674 us
+    at 1,000/s, where scans come ~1 ms apart in batches of 2-3 and every batch pays its round
+    trip and its wake-ups (see wake_penalty); postgres 140-210 and 448-538 us."""
     after = cpu_by_program()
     if not after:
         return "cpu: (no /proc here)"
@@ -213,8 +215,10 @@ def wake_penalty(gap: float = 0.002, rounds: int = 300) -> float:
     """How many times longer a small piece of work (JSON and a hash, ~40 us) takes when it runs
     ``gap`` seconds after the process went to sleep than back to back (medians). A service at
     1,000 scans/s works like that: a scan, a millisecond asleep, the next. This VM measured
-    1.6-2.4 (2026-12-07), and the scanning service spent ~570 us of CPU per scan at 1,000/s
-    against ~250 us flat out, almost all of it user time: the same code, slower when it wakes."""
+    1.4-2.6 (2026-12-07; also when the process busy-waits instead of sleeping: other work on
+    the host evicts ours from the caches). There the scanning service spent 570-674 us of CPU
+    per scan at 1,000/s against 248-404 us flat out, nine tenths of it user time: the same
+    code, slower when it runs in short spells."""
     doc = {"scans": [{"event_id": str(uuid.uuid4()), "code": f"T{i:08d}", "gate": "g1"} for i in range(20)]}
 
     def timed(sleep: float) -> float:
