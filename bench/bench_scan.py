@@ -181,7 +181,7 @@ def cpu_report(before: dict[str, tuple[float, float]], elapsed: float, scans: in
     processes onto one core, ``/proc/sys/kernel/sched_vcpu_pack``); and the CPU each of the two
     spent per scan of the phase's ``scans``. That last figure moves with the host's speed but
     not with the waits, so it compares changes better than the latencies do. The same commit
-    on 2026-12-07: service 248-404 us per scan flat out (host speed 0.43-0.63 s), 570-674 us
+    on 2026-12-07: service 248-433 us per scan flat out (host speed 0.43-0.63 s), 570-674 us
     at 1,000/s, where scans come ~1 ms apart in batches of 2-3 and every batch pays its round
     trip and its wake-ups (see wake_penalty); postgres 140-210 and 448-538 us."""
     after = cpu_by_program()
@@ -215,9 +215,9 @@ def wake_penalty(gap: float = 0.002, rounds: int = 300) -> float:
     """How many times longer a small piece of work (JSON and a hash, ~40 us) takes when it runs
     ``gap`` seconds after the process went to sleep than back to back (medians). A service at
     1,000 scans/s works like that: a scan, a millisecond asleep, the next. This VM measured
-    1.4-2.6 (2026-12-07; also when the process busy-waits instead of sleeping: other work on
+    1.4-2.8 (2026-12-07; also when the process busy-waits instead of sleeping: other work on
     the host evicts ours from the caches). There the scanning service spent 570-674 us of CPU
-    per scan at 1,000/s against 248-404 us flat out, nine tenths of it user time: the same
+    per scan at 1,000/s against 248-433 us flat out, nine tenths of it user time: the same
     code, slower when it runs in short spells."""
     doc = {"scans": [{"event_id": str(uuid.uuid4()), "code": f"T{i:08d}", "gate": "g1"} for i in range(20)]}
 
