@@ -12,9 +12,10 @@ the database (must be 0). The scanning service runs as its own process, as in pr
 servers come from VGE_*_URL or are started locally. After phases 1 and 2 it prints where the
 machine's cores went (the service, postgres, nats-server, redis-server, this load generator),
 how long the service and postgres waited for a core and the CPU they spent per scan, and how
-often the service's event loop stalled: all share this machine's two cores. It times a fixed loop before and after (``host
-speed``), and the same small work right after a short sleep against back to back
-(``wake_penalty``): this VM's speed varies by the hour, and the figures move with it.
+often the service's event loop stalled: all share this machine's two cores. It times a fixed
+loop before and after (``host speed``), and the same small work right after a short sleep
+against back to back (``wake_penalty``): this VM's speed varies by the hour, and the figures
+move with it.
 """
 
 from __future__ import annotations
@@ -307,8 +308,8 @@ async def main() -> None:
                     help="sign the commands' contexts before each phase (see PresignedContexts)")
     args = ap.parse_args()
     configure_logging("WARNING", "console")
-    print(f"host speed: {host_speed():.3f} s for a fixed loop (lower is faster; see host_speed); "
-          f"work done right after 2 ms asleep takes {wake_penalty():.1f}x as long (see wake_penalty)", flush=True)
+    print(f"host speed: {host_speed():.3f} s for a fixed loop (lower is faster; see host_speed); work "
+          f"done right after 2 ms asleep takes {wake_penalty():.1f}x as long (see wake_penalty)", flush=True)
 
     data = Path(tempfile.mkdtemp(prefix="vge-bench-"))
     urls, servers = resolve_server_urls(Settings(), data, allow_docker=False, fsync=args.fsync)
