@@ -216,8 +216,9 @@ def wake_penalty(gap: float = 0.002, rounds: int = 300) -> float:
     """How many times longer a small piece of work (JSON and a hash, ~40 us) takes when it runs
     ``gap`` seconds after the process went to sleep than back to back (medians). A service at
     1,000 scans/s works like that: a scan, a millisecond asleep, the next. This VM measured
-    1.4-2.8 (2026-12-07; also when the process busy-waits instead of sleeping: other work on
-    the host evicts ours from the caches). There the scanning service spent 570-674 us of CPU
+    mostly 1.4-2.8, once 0.9 (2026-12-07; the penalty showed also when the process busy-waited
+    instead of sleeping: other work on the host evicts ours from the caches, more in some
+    minutes than in others). There the scanning service spent 570-674 us of CPU
     per scan at 1,000/s against 248-433 us flat out, nine tenths of it user time: the same
     code, slower when it runs in short spells."""
     doc = {"scans": [{"event_id": str(uuid.uuid4()), "code": f"T{i:08d}", "gate": "g1"} for i in range(20)]}
