@@ -184,20 +184,23 @@ def cpu_report(before: dict[str, tuple[float, float]], elapsed: float, scans: in
     not with the waits, so it compares changes better than the latencies do. The same commit
     on 2026-12-07: service 248-433 us per scan flat out (host speed 0.43-0.63 s), 570-674 us
     at 1,000/s, where scans come ~1 ms apart in batches of 2-3 and every batch pays its round
-    trip and its wake-ups (see wake_penalty); postgres 140-210 and 448-538 us."""
+    trip and its wake-ups (see wake_penalty); postgres 140-221 and 443-538 us."""
     after = cpu_by_program()
     if not after:
         return "cpu: (no /proc here)"
-    cores = {name: (after[name][0] - before.get(name, (0.0, 0.0))[0]) / elapsed for name in after}
-    waits = {name: (after[name][1] - before.get(name, (0.0, 0.0))[1]) / elapsed for name in after}
+    # seconds of CPU and of waiting for a core during the phase, per program
+    spent = {name: [now - then for now, then in zip(after[name], before.get(name, (0.0, 0.0)))]
+             for name in after}
+    cores = {name: cpu / elapsed for name, (cpu, _) in spent.items()}
     busy = cores.pop("busy")
     top = sorted(((c, n) for n, c in cores.items() if c >= 0.01), reverse=True)
     return (f"cpu (cores): machine busy {busy:.2f} of {os.cpu_count()} | "
             + ", ".join(f"{n} {c:.2f}" for c, n in top)
             + " | waited for a core: "
-            + ", ".join(f"{n} {waits.get(n, 0.0):.0%}" for n in ("scanning service", "postgres"))
+            + ", ".join(f"{n} {spent.get(n, (0.0, 0.0))[1] / elapsed:.0%}"
+                        for n in ("scanning service", "postgres"))
             + " | CPU per scan: "
-            + ", ".join(f"{n} {cores.get(n, 0.0) * elapsed / max(scans, 1) * 1e6:,.0f} us"
+            + ", ".join(f"{n} {spent.get(n, (0.0, 0.0))[0] / max(scans, 1) * 1e6:,.0f} us"
                         for n in ("scanning service", "postgres")))
 
 
