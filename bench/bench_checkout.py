@@ -192,7 +192,7 @@ async def settle(database_url: str, timeout: float = 15.0) -> None:
     conn = await asyncpg.connect(database_url)
     try:
         while True:
-            backlog = await conn.fetchval("SELECT count(*) FROM payments.outbox WHERE published_at IS NULL")
+            backlog = await conn.fetchval("SELECT count(*) FROM payments.outbox_unpublished")
             if backlog == 0 or time.perf_counter() - began > timeout:
                 break
             await asyncio.sleep(0.05)
@@ -279,7 +279,7 @@ async def run(args: argparse.Namespace) -> None:
                 "SELECT coalesce(sum(CASE side WHEN 'debit' THEN amount ELSE -amount END), 0) "
                 "FROM payments.journal_lines WHERE organization_id = $1 AND account = 'processor_receivable'",
                 bench.org)
-            backlog = await conn.fetchval("SELECT count(*) FROM payments.outbox WHERE published_at IS NULL")
+            backlog = await conn.fetchval("SELECT count(*) FROM payments.outbox_unpublished")
         finally:
             await conn.close()
         print(f"\ncheck: tickets sold {sold}, receivable {receivable} = sold x price: "

@@ -260,7 +260,7 @@ async def settle(dsn: str, limit: float = 30.0) -> None:
         t0 = time.perf_counter()
         first = None
         while True:
-            backlog = await conn.fetchval("SELECT count(*) FROM scanning.outbox WHERE published_at IS NULL")
+            backlog = await conn.fetchval("SELECT count(*) FROM scanning.outbox_unpublished")
             first = backlog if first is None else first
             if backlog == 0 or time.perf_counter() - t0 > limit:
                 break

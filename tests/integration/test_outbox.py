@@ -10,12 +10,14 @@ import asyncpg
 import nats
 import pytest
 from nats.js.api import StreamConfig
+from structlog.testing import capture_logs
 
 from libs.actor import Actor
 from libs.db import after_commit, create_pool, service_dsn, tenant_transaction, transaction_on
 from libs.envelope import Envelope
 from libs.jetstream import ensure_streams
 from libs.migrations import migrate
+import libs.outbox
 from libs.outbox import OutboxRelay, add_events, outbox_committed
 from libs.servers import NatsServer
 from libs.subjects import EVENTS_STREAM
@@ -82,13 +84,13 @@ async def test_committed_while_nats_down_is_published_exactly_once(pool, schema,
             await add_events(conn, schema, events)
         await asyncio.sleep(1.5)  # the relay tries and fails meanwhile
         async with pool.acquire() as conn:
-            assert await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 5
+            assert await conn.fetchval("SELECT count(*) FROM outbox_unpublished") == 5
 
         server.start()  # NATS is back (same port, same JetStream store)
 
         async def all_published():
             async with pool.acquire() as conn:
-                return await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NULL") == 0
+                return await conn.fetchval("SELECT count(*) FROM outbox_unpublished") == 0
 
         await _wait_for(all_published)
         await relay.stop()
@@ -187,10 +189,10 @@ async def test_an_event_committed_during_a_relay_pass_is_published_at_once(pool,
     await ensure_streams(js)
     org = uuid.uuid4()
     relay = OutboxRelay(pool, js, schema, poll_interval=30.0)
-    original = relay.publish_pending
+    original = relay._publish_batch
     passes = 0
 
-    async def pass_during_which_another_event_commits() -> int:
+    async def pass_during_which_another_event_commits() -> tuple[int, bool]:
         nonlocal passes
         passes += 1
         published = await original()
@@ -200,7 +202,7 @@ async def test_an_event_committed_during_a_relay_pass_is_published_at_once(pool,
             await asyncio.sleep(0.3)  # its wake-up is in before this pass ends
         return published
 
-    relay.publish_pending = pass_during_which_another_event_commits  # type: ignore[method-assign]
+    relay._publish_batch = pass_during_which_another_event_commits  # type: ignore[method-assign]
     relay.start()
     try:
         await asyncio.sleep(0.3)  # the first pass found nothing; the relay is listening
@@ -209,12 +211,79 @@ async def test_an_event_committed_during_a_relay_pass_is_published_at_once(pool,
 
         async def both_published():
             async with pool.acquire() as conn:
-                return await conn.fetchval("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL") == 2
+                return await conn.fetchval(
+                    "SELECT (SELECT count(*) FROM outbox) = 2 "
+                    "AND NOT EXISTS (SELECT FROM outbox_unpublished)")
 
         await _wait_for(both_published, timeout=5.0)
     finally:
         await relay.stop()
     assert len(await _stream_messages(js, f"vge.evt.{org}.>")) == 2
+
+
+async def test_a_transaction_that_commits_late_is_published_first_and_never_skipped(pool, schema, nc,
+                                                                                   monkeypatch):
+    """The relay keeps a position, not a mark per row: an event written by a transaction that
+    is still open when a later one commits must hold the later one back (with a warning when
+    that lasts), then go out first. Nothing wakes the relay for the late commit here (a raw
+    connection, a 1-hour poll)."""
+    monkeypatch.setattr(libs.outbox, "HELD_BACK_WARNING_SECONDS", 0.2)
+    js = nc.jetstream()
+    await ensure_streams(js)
+    org = uuid.uuid4()
+    relay = OutboxRelay(pool, js, schema, poll_interval=3600.0)
+    relay.start()
+    early, late = _event(org, 1), _event(org, 2)
+    try:
+        async with pool.acquire() as open_conn:
+            open_tx = open_conn.transaction()
+            await open_tx.start()
+            try:
+                await open_conn.execute("SELECT set_config('vge.org_id', $1, true)", str(org))
+                # the first write gives this transaction its id, before the other one's
+                await open_conn.execute(
+                    "INSERT INTO outbox (event_id, organization_id, subject, payload) "
+                    "VALUES ($1, $2, $3, $4)",
+                    early.event_id, org, f"vge.evt.{org}.{schema}.sample.created", early.to_bytes())
+                with capture_logs() as logs:
+                    async with tenant_transaction(pool, org) as conn:
+                        await add_events(conn, schema, [late])  # commits, and wakes the relay
+                    await asyncio.sleep(0.5)
+                assert any(e["event"] == "outbox_held_back_by_open_transaction" and e["schema"] == schema
+                           for e in logs)
+                async with pool.acquire() as conn:
+                    assert await conn.fetchval("SELECT count(*) FROM outbox_unpublished") == 1  # the late one
+                assert await _stream_messages(js, f"vge.evt.{org}.>") == []
+            except BaseException:
+                await open_tx.rollback()  # (a pooled connection is not reset on release)
+                raise
+            await open_tx.commit()
+
+        async def both_published():
+            async with pool.acquire() as conn:
+                return await conn.fetchval("SELECT NOT EXISTS (SELECT FROM outbox_unpublished)")
+
+        await _wait_for(both_published, timeout=5.0)
+    finally:
+        await relay.stop()
+    published = [Envelope.from_bytes(m.data).event_id for m in await _stream_messages(js, f"vge.evt.{org}.>")]
+    assert published == [early.event_id, late.event_id]
+
+
+async def test_publishing_rewrites_no_outbox_row(pool, schema, nc):
+    """Published means behind the relay's position: the rows themselves stay as written (a
+    mark per row was a second write of every event)."""
+    js = nc.jetstream()
+    await ensure_streams(js)
+    org = uuid.uuid4()
+    async with tenant_transaction(pool, org) as conn:
+        await add_events(conn, schema, [_event(org, n) for n in range(3)])
+    async with pool.acquire() as conn:
+        versions = await conn.fetch("SELECT id, xmin::text, ctid::text FROM outbox ORDER BY id")
+        assert await OutboxRelay(pool, js, schema).publish_pending() == 3
+        assert await conn.fetch("SELECT id, xmin::text, ctid::text FROM outbox ORDER BY id") == versions
+        assert await conn.fetchval("SELECT count(*) FROM outbox_unpublished") == 0
+    assert len(await _stream_messages(js, f"vge.evt.{org}.>")) == 3
 
 
 async def test_a_stopped_relay_leaves_no_pooled_connection_listening(admin_dsn, schema, nc, monkeypatch):
@@ -340,8 +409,6 @@ async def test_a_failing_after_commit_callback_never_fails_the_committed_transac
 
 
 def test_a_relay_whose_loop_has_closed_is_forgotten_not_raised(schema):
-    import libs.outbox
-
     class LeftOver:  # a relay never stopped, its event loop gone: waking it raises
         def wake(self) -> None:
             raise RuntimeError("Event loop is closed")

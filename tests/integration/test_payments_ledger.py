@@ -230,8 +230,9 @@ async def test_every_payments_table_has_forced_row_level_security(service_pool, 
         "SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity FROM pg_class c "
         "JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE n.nspname = 'payments' AND c.relkind = 'r' "
-        # the shared kernel's own tables (migrations bookkeeping, outbox, consumer tracking)
-        "AND c.relname NOT IN ('schema_migrations', 'outbox', 'processed_events')")
+        # the shared kernel's own tables (migrations bookkeeping, outbox and its relay's
+        # position, consumer tracking)
+        "AND c.relname NOT IN ('schema_migrations', 'outbox', 'outbox_relay', 'processed_events')")
     tables = {r["relname"]: (r["relrowsecurity"], r["relforcerowsecurity"]) for r in rows}
     assert {"events", "ticket_types", "checkouts", "holds", "tickets", "accounts",
             "journal_entries", "journal_lines", "fake_processor_charges",

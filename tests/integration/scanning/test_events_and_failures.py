@@ -195,8 +195,7 @@ async def test_sigkill_mid_load_loses_and_duplicates_no_event(seed, nc, server_u
         try:
             accepted = {str(r[0]) for r in await conn.fetch(
                 "SELECT scan_id FROM scanning.scans WHERE organization_id = $1 AND result = 'accepted'", v.org)}
-            unpublished_query = ("SELECT count(*) FROM scanning.outbox WHERE organization_id = $1 "
-                                 "AND published_at IS NULL")
+            unpublished_query = "SELECT count(*) FROM scanning.outbox_unpublished WHERE organization_id = $1"
             deadline = asyncio.get_running_loop().time() + 20
             while await conn.fetchval(unpublished_query, v.org):
                 assert asyncio.get_running_loop().time() < deadline
