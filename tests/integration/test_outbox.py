@@ -17,6 +17,7 @@ from libs.db import after_commit, create_pool, service_dsn, tenant_transaction, 
 from libs.envelope import Envelope
 from libs.jetstream import ensure_streams
 from libs.migrations import migrate
+import libs.migrations
 import libs.outbox
 from libs.outbox import OutboxRelay, add_events, outbox_committed
 from libs.servers import NatsServer
@@ -284,6 +285,42 @@ async def test_publishing_rewrites_no_outbox_row(pool, schema, nc):
         assert await conn.fetch("SELECT id, xmin::text, ctid::text FROM outbox ORDER BY id") == versions
         assert await conn.fetchval("SELECT count(*) FROM outbox_unpublished") == 0
     assert len(await _stream_messages(js, f"vge.evt.{org}.>")) == 3
+
+
+async def test_upgrading_publishes_what_was_unpublished_and_nothing_published_before_it(
+        admin_dsn, schema, nc, tmp_path, monkeypatch):
+    """An outbox from before the relay's position (rows marked one by one): the upgrade starts
+    the position just before the first unpublished row."""
+    before = tmp_path / "sql"
+    before.mkdir()
+    for name in ("0001_outbox.sql", "0002_outbox_notify_on_request.sql"):
+        (before / name).write_text((libs.migrations.SHARED_MIGRATIONS / name).read_text())
+    with monkeypatch.context() as m:
+        m.setattr(libs.migrations, "SHARED_MIGRATIONS", before)
+        await migrate(admin_dsn, schema, None, role_password=PASSWORD)
+    org = uuid.uuid4()
+    events = [_event(org, n) for n in range(4)]
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        for n, e in enumerate(events):  # the third still unpublished
+            await admin.execute(
+                f"INSERT INTO {schema}.outbox (event_id, organization_id, subject, payload, published_at) "
+                "VALUES ($1, $2, $3, $4, CASE WHEN $5 THEN now() END)",
+                e.event_id, org, f"vge.evt.{org}.{schema}.sample.created", e.to_bytes(), n != 2)
+    finally:
+        await admin.close()
+    await migrate(admin_dsn, schema, None, role_password=PASSWORD)
+    pool = await create_pool(service_dsn(admin_dsn, schema, PASSWORD), schema=schema)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        assert await OutboxRelay(pool, js, schema).publish_pending() == 2
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM outbox_unpublished") == 0
+    finally:
+        await pool.close()
+    published = [Envelope.from_bytes(m.data).event_id for m in await _stream_messages(js, f"vge.evt.{org}.>")]
+    assert published == [events[2].event_id, events[3].event_id]
 
 
 async def test_a_stopped_relay_leaves_no_pooled_connection_listening(admin_dsn, schema, nc, monkeypatch):
