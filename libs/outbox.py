@@ -153,8 +153,9 @@ class OutboxRelay:
                                            f"vge.outbox_relay.{self._schema}"):
                     return 0, True  # another replica's pass: perhaps before our commit, so again
                 rows = await conn.fetch(
+                    # xmin: the oldest transaction still open when this statement began
                     "SELECT o.id, o.txid::text AS txid, o.event_id, o.subject, o.payload, "
-                    "o.txid < pg_snapshot_xmin(pg_current_snapshot()) AS ended "
+                    "pg_snapshot_xmin(pg_current_snapshot())::text AS xmin "
                     # (LATERAL: the position as the index scan's start; as a join condition
                     # the planner read the whole outbox index and filtered it, ~11 ms per pass
                     # for 40,000 rows)
@@ -164,9 +165,10 @@ class OutboxRelay:
                     self._batch_size,
                 )
                 OUTBOX_PENDING.labels(self._schema).set(len(rows))
-                ready = next((n for n, r in enumerate(rows) if not r["ended"]), len(rows))
+                oldest_open = int(rows[0]["xmin"]) if rows else 0
+                ready = next((n for n, r in enumerate(rows) if int(r["txid"]) >= oldest_open), len(rows))
                 held_back = ready < len(rows)
-                self._note_held_back(held_back, rows[ready]["txid"] if held_back else None)
+                self._note_held_back(held_back, oldest_open)
                 rows = rows[:ready]
                 if not rows:
                     return 0, held_back
@@ -203,7 +205,7 @@ class OutboxRelay:
         OUTBOX_PUBLISHED.labels(self._schema).inc(len(rows))
         return len(rows), held_back
 
-    def _note_held_back(self, held_back: bool, txid: str | None) -> None:
+    def _note_held_back(self, held_back: bool, oldest_open: int) -> None:
         # a transaction left open (e.g. an idle psql session that wrote) holds back every later
         # event of every outbox: say so once it lasts, and again while it does
         loop_time = asyncio.get_running_loop().time()
@@ -214,7 +216,9 @@ class OutboxRelay:
             self._held_back_since = self._held_back_warned = loop_time
         elif loop_time - self._held_back_warned >= HELD_BACK_WARNING_SECONDS:
             self._held_back_warned = loop_time
-            log.warning("outbox_held_back_by_open_transaction", schema=self._schema, txid=txid,
+            # the transaction to look for: pg_stat_activity's backend_xid is its low 32 bits
+            log.warning("outbox_held_back_by_open_transaction", schema=self._schema,
+                        oldest_open_xid=oldest_open, backend_xid=oldest_open % 2**32,
                         seconds=round(loop_time - self._held_back_since, 1))
 
     async def purge_published(self) -> int:

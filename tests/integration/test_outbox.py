@@ -246,12 +246,16 @@ async def test_a_transaction_that_commits_late_is_published_first_and_never_skip
                     "INSERT INTO outbox (event_id, organization_id, subject, payload) "
                     "VALUES ($1, $2, $3, $4)",
                     early.event_id, org, f"vge.evt.{org}.{schema}.sample.created", early.to_bytes())
+                open_xid = int(await open_conn.fetchval("SELECT pg_current_xact_id()::text"))
                 with capture_logs() as logs:
                     async with tenant_transaction(pool, org) as conn:
                         await add_events(conn, schema, [late])  # commits, and wakes the relay
                     await asyncio.sleep(0.5)
-                assert any(e["event"] == "outbox_held_back_by_open_transaction" and e["schema"] == schema
-                           for e in logs)
+                warnings = [e for e in logs if e["event"] == "outbox_held_back_by_open_transaction"]
+                assert any(e["schema"] == schema for e in warnings)
+                # it names the transaction that holds the events back, as pg_stat_activity shows it
+                assert all(e["oldest_open_xid"] == open_xid and e["backend_xid"] == open_xid % 2**32
+                           for e in warnings if e["schema"] == schema)
                 async with pool.acquire() as conn:
                     assert await conn.fetchval("SELECT count(*) FROM outbox_unpublished") == 1  # the late one
                 assert await _stream_messages(js, f"vge.evt.{org}.>") == []
