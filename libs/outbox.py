@@ -102,7 +102,7 @@ def outbox_committed(schema: str) -> None:
 
 
 class OutboxRelay:
-    """Publishes one schema's outbox to JetStream; several replicas share it (SKIP LOCKED)."""
+    """Publishes one schema's outbox to JetStream; replicas take turns (an advisory lock per pass)."""
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ come from Python packages that are ordinary dependencies of the project:
 Each server listens on a free 127.0.0.1 port, keeps its files (data, log, pid file) in its own data
 folder, runs in its own session/process group (so a Ctrl-C aimed at the launcher does not reach it
 and ``stop()`` can sweep every process it spawned), and is stopped at interpreter exit if the caller
-forgot. ``stop()`` then ``start()`` reuses the same port and data folder, which is how tests simulate
+forgot, also when the process is ended by SIGTERM. ``stop()`` then ``start()`` reuses the same port and data folder, which is how tests simulate
 a broker outage without losing JetStream state.
 
 :func:`resolve_server_urls` is the entry point of the launcher and the test fixtures: configured
@@ -65,6 +65,12 @@ _MAX_UNIX_SOCKET_PATH = 107
 _PG_SYSTEM_USER = "embedded_postgres"
 
 
+#: The outbox relay publishes nothing written after the oldest transaction still open
+#: (``libs/sql/0003``): a session left idle inside a transaction that wrote (a ``psql`` left open)
+#: would hold back every service's events. PostgreSQL ends such a session after this long.
+PG_IDLE_IN_TRANSACTION_TIMEOUT = "30s"
+
+
 class ServerError(RuntimeError):
     """A server could not be started (the message ends with the tail of its log)."""
 
@@ -101,6 +107,21 @@ def _stop_all_at_exit() -> None:
 
 
 atexit.register(_stop_all_at_exit)
+
+
+def _unwind_on_sigterm() -> None:
+    """Let SIGTERM end this process as Ctrl-C does, so the servers it started are stopped.
+
+    By default Python dies on SIGTERM at once, without ``finally`` blocks or atexit, and the
+    servers (each in its own session) live on: a test run or benchmark stopped by ``timeout`` left
+    NATS, PostgreSQL and Redis running. Raising KeyboardInterrupt instead unwinds: fixtures' and
+    callers' ``stop()``, then :func:`_stop_all_at_exit`. Only from the main thread, and only while
+    SIGTERM still has its default action (``vge up`` and the services handle it themselves).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -246,6 +267,7 @@ class _ManagedServer:
             if self.running:
                 return self
             self._terminate()  # it died on its own: reap it and sweep what it left
+            _unwind_on_sigterm()
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._reap_stale()
             self._prepare()
@@ -745,6 +767,7 @@ class PostgresServer(_ManagedServer):
             # written full of zeros first, and commits waiting behind that stalled for 50-80 ms
             # (bench_scan's fixed-rate phase after a flat-out phase). Not needed on ext4/xfs.
             "-c", "wal_init_zero=off",
+            "-c", f"idle_in_transaction_session_timeout={PG_IDLE_IN_TRANSACTION_TIMEOUT}",
         ]  # fmt: skip
         if not self.fsync:
             cmd += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
@@ -855,6 +878,7 @@ class LocalServers:
 
     def start(self) -> Self:
         """Start every server in parallel (initdb is the slow one); all or nothing."""
+        _unwind_on_sigterm()  # here: the servers' own start() runs in the pool's threads
         servers = self.servers
         with ThreadPoolExecutor(max_workers=len(servers) or 1, thread_name_prefix="vge-srv") as ex:
             futures = [ex.submit(s.start) for s in servers]
@@ -951,7 +975,8 @@ class ContainerServers:
 
                 pg = PostgresContainer("postgres:18", username="postgres", dbname="postgres",
                                        driver=None)  # fmt: skip
-                pg.with_command("-c max_connections=300")
+                pg.with_command("-c max_connections=300 "
+                                f"-c idle_in_transaction_session_timeout={PG_IDLE_IN_TRANSACTION_TIMEOUT}")
                 self._containers.append(pg.start())
                 self.urls["database_url"] = pg.get_connection_url()
             if "redis_url" in keys:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import asyncpg
@@ -63,6 +66,8 @@ async def test_each_server_answers(servers: LocalServers) -> None:
         assert await conn.fetchval("SHOW max_connections") == "300"
         # new WAL segments are not zero-filled first (that stalled commits on a new cluster)
         assert await conn.fetchval("SHOW wal_init_zero") == "off"
+        # a session left idle in a transaction would hold back every outbox: it is ended
+        assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "30s"
     finally:
         await conn.close()
 
@@ -115,3 +120,32 @@ def test_stop_leaves_no_process(servers: LocalServers) -> None:
     assert all(s.pid is None and not s.running for s in servers.servers)
     left = spawned & set(_live_processes())
     assert not left, f"processes left behind: {left}"
+
+
+def test_sigterm_to_the_owner_stops_its_servers(tmp_path: Path) -> None:
+    # A test run or benchmark ended by `timeout` (SIGTERM) used to leave its servers running.
+    script = (
+        "import sys, time\n"
+        "from libs.servers import LocalServers\n"
+        "servers = LocalServers(sys.argv[1], nats=False, postgres=False).start()\n"
+        "print('redis_pid', servers.redis.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[2],
+    )
+    try:
+        assert owner.stdout is not None
+        line = b""
+        while not line.startswith(b"redis_pid "):  # (its log lines come first, on stdout too)
+            line = owner.stdout.readline()
+            assert line, "the owner ended before its server started"
+        redis_pid = int(line.split()[1])
+        assert redis_pid in _live_processes()
+        owner.send_signal(signal.SIGTERM)
+        owner.wait(timeout=30)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert redis_pid not in _live_processes()
