@@ -48,6 +48,7 @@ from libs.servers import free_port, resolve_server_urls  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from libs.subjects import DEAD_LETTER_STREAM  # noqa: E402
 from libs.subjects import event as event_subject  # noqa: E402
+from loadgen import percentile  # noqa: E402
 
 LAG_METRIC = "vge_audit_record_lag_seconds"
 HISTOGRAMS = (LAG_METRIC, "vge_audit_ingest_seconds", "vge_audit_ingest_batch_size")
@@ -174,10 +175,6 @@ def quantile_from_buckets(buckets: dict[float, float], q: float) -> float | None
             return prev_bound + (bound - prev_bound) * ((rank - prev_count) / span if span else 1.0)
         prev_bound, prev_count = bound, count
     return bounds[-1]
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 class Publisher:
@@ -326,9 +323,9 @@ async def run(args: argparse.Namespace, urls: dict[str, str], work: Path) -> dic
             result["paced"] = {
                 "target_events_per_s": args.rate, "seconds": args.duration, "sent": sent,
                 "lag_ms_at_insert": {
-                    "p50": round(percentile(lags, 0.50) * 1000, 1),
-                    "p95": round(percentile(lags, 0.95) * 1000, 1),
-                    "p99": round(percentile(lags, 0.99) * 1000, 1),
+                    "p50": round(percentile(lags, 50) * 1000, 1),
+                    "p95": round(percentile(lags, 95) * 1000, 1),
+                    "p99": round(percentile(lags, 99) * 1000, 1),
                     "max": round(lags[-1] * 1000, 1), "mean": round(statistics.fmean(lags) * 1000, 1),
                 },
                 "worst_lag_ms_per_second": [round(worst[k] * 1000) for k in sorted(worst)],

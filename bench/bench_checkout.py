@@ -55,17 +55,9 @@ from libs.errors import DomainError  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.servers import LocalServers, free_port  # noqa: E402
 from libs.settings import Settings  # noqa: E402
-from loadgen import PresignedContexts, at_fixed_rate, run as run_loop, settle_heap  # noqa: E402
+from loadgen import PresignedContexts, at_fixed_rate, percentile, run as run_loop, settle_heap  # noqa: E402
 
 PRICE = 25_000
-
-
-def percentile(values: list[float], p: float) -> float:
-    """The p-th percentile (nearest rank) of ``values``, in the same unit."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
 
 
 class Bench:

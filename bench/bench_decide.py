@@ -37,7 +37,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_scan import pct  # noqa: E402
+from loadgen import percentile  # noqa: E402
 from libs.db import create_pool, service_dsn  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.migrations import migrate  # noqa: E402
@@ -101,7 +101,7 @@ async def measure(admin: str, settings: Settings, org: uuid.UUID, event_id: uuid
                 ms = [t * 1000 for t in times]
                 med = statistics.median(ms)
                 print(f"{label}, {size:>3} scans per call: p50 {med:.3f} ms  "
-                      f"p95 {pct(ms, 95):.3f} ms  p99 {pct(ms, 99):.3f} ms  "
+                      f"p95 {percentile(ms, 95):.3f} ms  p99 {percentile(ms, 99):.3f} ms  "
                       f"({med / size:.3f} ms per scan, {calls} calls)", flush=True)
     finally:
         await pool.close()

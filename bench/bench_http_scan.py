@@ -49,8 +49,8 @@ import nats
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_scan import double_admissions, pct, report, seed, wait_healthy  # noqa: E402
-from loadgen import at_fixed_rate, run, settle_heap  # noqa: E402
+from bench_scan import double_admissions, report, seed, wait_healthy  # noqa: E402
+from loadgen import at_fixed_rate, percentile, run, settle_heap  # noqa: E402
 
 from libs.context import generate_key_pair  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
@@ -470,7 +470,7 @@ async def main() -> None:
             print(means_line(seen0, await scrape(probe, service_ports)), flush=True)
             if late:
                 print(f"  {late} requests were sent more than 5 ms late (client behind schedule)", flush=True)
-            print(f"  p99 {pct(lat2, 99) * 1000:.2f} ms at {args.rate:,.0f} scans/s "
+            print(f"  p99 {percentile(lat2, 99) * 1000:.2f} ms at {args.rate:,.0f} scans/s "
                   f"(target: <= 20 ms)", flush=True)
 
         # the database's word

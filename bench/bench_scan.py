@@ -51,22 +51,15 @@ from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.servers import free_port, resolve_server_urls  # noqa: E402
 from libs.settings import Settings  # noqa: E402
-from loadgen import PresignedContexts, at_fixed_rate, run, settle_heap  # noqa: E402
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+from loadgen import PresignedContexts, at_fixed_rate, percentile, run, settle_heap  # noqa: E402
 
 
 def report(name: str, latencies: list[float], elapsed: float, accepted: int, rejected: int, errors: int) -> None:
     n = len(latencies)
     print(
         f"{name}: {n} scans in {elapsed:.2f}s = {n / elapsed:,.0f} scans/s | "
-        f"p50 {pct(latencies, 50) * 1000:.2f} ms  p95 {pct(latencies, 95) * 1000:.2f} ms  "
-        f"p99 {pct(latencies, 99) * 1000:.2f} ms  max {max(latencies, default=0) * 1000:.1f} ms | "
+        f"p50 {percentile(latencies, 50) * 1000:.2f} ms  p95 {percentile(latencies, 95) * 1000:.2f} ms  "
+        f"p99 {percentile(latencies, 99) * 1000:.2f} ms  max {max(latencies, default=0) * 1000:.1f} ms | "
         f"accepted {accepted}  rejected {rejected}  errors {errors}",
         flush=True,
     )

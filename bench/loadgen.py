@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import gc
+import math
 import time
 import uuid
 from collections.abc import Callable, Coroutine
@@ -18,7 +19,16 @@ import uvloop
 from libs.actor import Actor
 from libs.context import ContextSigner
 
-__all__ = ["PresignedContexts", "at_fixed_rate", "run", "settle_heap"]
+__all__ = ["PresignedContexts", "at_fixed_rate", "percentile", "run", "settle_heap"]
+
+
+def percentile(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank, p from 0 to 100) of ``values``, in their unit; NaN for
+    none. One definition, so the benches' p99s can be compared."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:
