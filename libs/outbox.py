@@ -22,7 +22,9 @@ import asyncio
 from typing import Any, Iterable
 
 import asyncpg
-from nats.js import JetStreamContext
+import orjson
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
 from libs.background import cancel_and_wait
@@ -31,7 +33,7 @@ from libs.envelope import Envelope
 from libs.log import get_logger
 from libs.subjects import event as event_subject
 
-__all__ = ["add_events", "outbox_rows", "outbox_committed", "OutboxRelay"]
+__all__ = ["add_events", "outbox_rows", "outbox_committed", "OutboxRelay", "PublishRefused"]
 
 log = get_logger(__name__)
 
@@ -43,6 +45,10 @@ OUTBOX_PUBLISHED = Counter(
 )
 OUTBOX_PENDING = Gauge(
     "vge_outbox_pending", "Unpublished outbox rows seen at the last relay pass", ["service"]
+)
+OUTBOX_UNCONFIRMED = Gauge(
+    "vge_outbox_unconfirmed", "Events of the relay pass under way that JetStream has not yet confirmed "
+    "(set when the pass has published them, 0 when it ends)", ["service"]
 )
 OUTBOX_FAILURES = Counter(
     "vge_outbox_publish_failures_total", "Relay passes that failed (NATS or DB down)", ["service"]
@@ -101,13 +107,17 @@ def outbox_committed(schema: str) -> None:
             _relays[schema].discard(relay)
 
 
+class PublishRefused(RuntimeError):
+    """JetStream refused an event the relay published, or no stream takes its subject."""
+
+
 class OutboxRelay:
     """Publishes one schema's outbox to JetStream; replicas take turns (an advisory lock per pass)."""
 
     def __init__(
         self,
         pool: asyncpg.Pool,
-        js: JetStreamContext,
+        nc: NatsClient,
         schema: str,
         *,
         batch_size: int = 500,
@@ -119,9 +129,11 @@ class OutboxRelay:
         """``min_pass_interval``: passes start at most this often. Under load every commit
         wakes the relay; a pass per wake-up would cost two statements and a gather for a handful
         of rows, taking CPU from the work that commits. Waiting this long gathers them (an
-        event waits at most this much longer; a lone one, not at all)."""
+        event waits at most this much longer; a lone one, not at all).
+
+        ``nc``: best a connection of its own (``libs.runtime`` says why)."""
         self._pool = pool
-        self._js = js
+        self._nc = nc
         self._schema = check_identifier(schema)
         self._batch_size = batch_size
         self._poll_interval = poll_interval
@@ -133,6 +145,13 @@ class OutboxRelay:
         self._listen_conn: asyncpg.Connection | None = None
         self._held_back_since: float | None = None
         self._held_back_warned = 0.0
+        # JetStream's answers to the pass under way (``_publish_and_confirm``)
+        self._ack_inbox = ""
+        self._ack_sub: Any = None
+        self._reply = ""
+        self._pass_no = 0
+        self._unconfirmed = 0
+        self._confirmed: asyncio.Future[None] | None = None
 
     async def publish_pending(self) -> int:
         """Publish one batch of unpublished rows; returns how many were published."""
@@ -172,38 +191,63 @@ class OutboxRelay:
                 rows = rows[:ready]
                 if not rows:
                     return 0, held_back
-                # Publish the batch, then wait for every ack; if any fails the transaction rolls
-                # back and the whole batch is retried; JetStream drops the ones it already has.
-                # (publish_async: one future per message answered through one inbox
-                # subscription; a request per message, as ``publish`` does, costs a task and a
-                # timer each, and this runs in the event loop of the service whose commands
-                # wrote the rows: at 1,000 scans/s, 1,000 events/s)
-                acks: list[asyncio.Future[Any]] = []
-                try:
-                    for r in rows:
-                        acks.append(await self._js.publish_async(
-                            r["subject"], r["payload"], headers={"Nats-Msg-Id": str(r["event_id"])}))
-                    # (asyncio.wait, not wait_for(gather(...)): a gather cancelled with the pass
-                    # is left holding a CancelledError that nobody reads, logged at shutdown)
-                    answered, unanswered = await asyncio.wait(acks, timeout=self._publish_timeout)
-                    if unanswered:
-                        raise TimeoutError(f"{len(unanswered)} of {len(acks)} publishes not acknowledged")
-                    for ack in answered:
-                        ack.result()  # the first failed publish fails the pass
-                finally:
-                    # an ack never answered (NATS gone, a failed publish) holds one of
-                    # publish_async's pending slots until its future ends: end them all, and
-                    # read the errors of the answered ones (the pass has failed already)
-                    for ack in acks:
-                        if ack.done() and not ack.cancelled():
-                            ack.exception()
-                        ack.cancel()
+                await self._publish_and_confirm(rows)
                 await conn.execute(
                     "UPDATE outbox_relay SET txid = $1::text::xid8, id = $2, updated_at = now()",
                     rows[-1]["txid"], rows[-1]["id"],
                 )
         OUTBOX_PUBLISHED.labels(self._schema).inc(len(rows))
         return len(rows), held_back
+
+    async def _publish_and_confirm(self, rows: list[asyncpg.Record]) -> None:
+        """Publish the rows, then wait until JetStream has stored every one. If any is refused
+        or unanswered the pass fails: its transaction rolls back, the rows come again, and
+        JetStream's duplicate window drops the ones it already has.
+
+        Every publish of a pass names the same reply subject, and the answers are counted on
+        one subscription: no future, timer or token per event. nats-py's ``publish_async`` (a
+        future per event) cost ~37 us of CPU per event, this ~16 us
+        (``bench/bench_outbox.py``), in the event loop of the service whose commands wrote the
+        rows. An answer to an earlier, failed pass names that pass and is not counted."""
+        if self._ack_sub is None:
+            self._ack_inbox = self._nc.new_inbox()
+            self._ack_sub = await self._nc.subscribe(f"{self._ack_inbox}.*", cb=self._on_ack)
+        self._pass_no += 1
+        self._reply = reply = f"{self._ack_inbox}.{self._pass_no}"
+        self._unconfirmed = len(rows)
+        self._confirmed = confirmed = asyncio.get_running_loop().create_future()
+        try:
+            for r in rows:
+                await self._nc.publish(r["subject"], r["payload"], reply=reply,
+                                       headers={"Nats-Msg-Id": str(r["event_id"])})
+            OUTBOX_UNCONFIRMED.labels(self._schema).set(self._unconfirmed)
+            # (asyncio.wait, not wait_for: the future is not cancelled with the pass's timeout,
+            # and one ended by a refusal is read below, never left unretrieved)
+            await asyncio.wait({confirmed}, timeout=self._publish_timeout)
+            if not confirmed.done():
+                raise TimeoutError(f"{self._unconfirmed} of {len(rows)} publishes not confirmed")
+            confirmed.result()  # PublishRefused
+        finally:
+            confirmed.cancel()  # a no-op once it has ended; late answers find it done
+            OUTBOX_UNCONFIRMED.labels(self._schema).set(0)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        confirmed = self._confirmed
+        if confirmed is None or confirmed.done() or msg.subject != self._reply:
+            return  # an answer to an earlier pass, or this pass has failed already
+        # stored: {"stream":..,"seq":..[,"duplicate":true]}; refused: {"error":{..}}; no stream
+        # takes the subject: an empty message with a 503 status header
+        try:
+            answer = orjson.loads(msg.data) if msg.data else {}
+        except orjson.JSONDecodeError:
+            answer = {}
+        if not isinstance(answer, dict) or "error" in answer or "seq" not in answer:
+            confirmed.set_exception(PublishRefused(
+                msg.data.decode(errors="replace") or f"no stream answered: {msg.headers}"))
+            return
+        self._unconfirmed -= 1
+        if self._unconfirmed == 0:
+            confirmed.set_result(None)
 
     def _note_held_back(self, held_back: bool, oldest_open: int) -> None:
         # a transaction left open (e.g. an idle psql session that wrote) holds back every later
@@ -243,6 +287,12 @@ class OutboxRelay:
         await cancel_and_wait(self._task)
         self._task = None
         await self._unlisten()
+        sub, self._ack_sub = self._ack_sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection may already be closed
+                pass
 
     def wake(self) -> None:
         """Publish now (called by code of this process that just committed outbox rows)."""

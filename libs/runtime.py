@@ -194,7 +194,7 @@ class ServiceRuntime:
         # in the socket and in nats-server's reading of that one connection (a goroutine per
         # connection). bench/bench_scan.py at 1,000/s, 5 pairs: p99 0.25-1.6 ms lower.
         self.outbox_nc = await self._connect_nats(f"vge-{self.name}-outbox")
-        self.relay = OutboxRelay(self.pool, self.outbox_nc.jetstream(), self.name,
+        self.relay = OutboxRelay(self.pool, self.outbox_nc, self.name,
                                  batch_size=s.outbox_batch_size, poll_interval=s.outbox_poll_seconds)
         self.relay.start()
         for fn in self._on_start:
