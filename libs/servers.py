@@ -12,8 +12,8 @@ come from Python packages that are ordinary dependencies of the project:
 Each server listens on a free 127.0.0.1 port, keeps its files (data, log, pid file) in its own data
 folder, runs in its own session/process group (so a Ctrl-C aimed at the launcher does not reach it
 and ``stop()`` can sweep every process it spawned), and is stopped at interpreter exit if the caller
-forgot, also when the process is ended by SIGTERM. ``stop()`` then ``start()`` reuses the same port and data folder, which is how tests simulate
-a broker outage without losing JetStream state.
+forgot, also when the process is ended by SIGTERM. ``stop()`` then ``start()`` reuses the same port
+and data folder, which is how tests simulate a broker outage without losing JetStream state.
 
 :func:`resolve_server_urls` is the entry point of the launcher and the test fixtures: configured
 URLs win, anything missing is started, in Docker containers when allowed and available (the
