@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import nats
 import pytest
-from nats.js.api import StreamConfig
+from nats.js.api import DiscardPolicy, StreamConfig
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
@@ -184,6 +184,28 @@ async def test_an_event_jetstream_refuses_fails_the_pass_and_nothing_is_marked_s
     assert _unconfirmed(schema) == 0
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM outbox_unpublished") == 2
+
+
+async def test_an_event_a_full_stream_refuses_fails_the_pass(pool, schema, nc):
+    # JetStream's own refusal ({"error": ...} from the server, not a missing stream): the
+    # stream keeps one message and takes no new one when full
+    js = nc.jetstream()
+    org = uuid.uuid4()
+    stream = f"FULL_{schema}".upper()
+    await js.add_stream(StreamConfig(name=stream, subjects=[f"vge.full.{org}"], max_msgs=1,
+                                     discard=DiscardPolicy.NEW))
+    try:
+        async with tenant_transaction(pool, org) as conn:
+            for _ in range(2):
+                await conn.execute("INSERT INTO outbox (event_id, organization_id, subject, payload) "
+                                   "VALUES ($1, $2, $3, $4)", uuid.uuid4(), org, f"vge.full.{org}", b"{}")
+        with pytest.raises(PublishRefused, match="maximum messages"):
+            await OutboxRelay(pool, nc, schema, publish_timeout=5.0).publish_pending()
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM outbox_unpublished") == 2
+        assert (await js.stream_info(stream)).state.messages == 1  # the first was stored
+    finally:
+        await js.delete_stream(stream)
 
 
 async def test_two_relays_share_the_outbox_without_duplicates(pool, schema, nc):
