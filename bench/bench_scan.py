@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -39,19 +40,24 @@ from pathlib import Path
 import asyncpg
 import httpx
 import nats
+import orjson
+from nats.aio.msg import Msg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from libs.actor import Actor, ActorType  # noqa: E402
-from libs.commands import CommandClient  # noqa: E402
-from libs.context import ContextSigner, generate_key_pair, load_private_key  # noqa: E402
+from libs.commands import CORRELATION_HEADER, STATUS_HEADER, CommandClient  # noqa: E402
+from libs.context import CONTEXT_HEADER, ContextSigner, generate_key_pair, load_private_key  # noqa: E402
 from libs.contracts.catalog import EventCreated, TicketIssued, TicketTypeInfo  # noqa: E402
-from libs.errors import DomainError  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.servers import free_port, resolve_server_urls  # noqa: E402
 from libs.settings import Settings  # noqa: E402
-from loadgen import PresignedContexts, at_fixed_rate, percentile, run, settle_heap  # noqa: E402
+from loadgen import (  # noqa: E402
+    OnReply, PresignedContexts, ReplyInbox, percentile, run, send_at_fixed_rate, settle_heap,
+)
+
+SCAN_SUBJECT = "vge.cmd.scanning.scan"
 
 
 def report(name: str, latencies: list[float], elapsed: float, accepted: int, rejected: int, errors: int) -> None:
@@ -334,43 +340,64 @@ async def main() -> None:
         cursor = iter(codes)
         seen: list[str] = []
 
-        async def scan_one(dev: Actor, latencies: list[float], tally: dict[str, int]) -> None:
+        requests = ReplyInbox(nc, timeout=5.0)
+        await requests.start()
+        issuer = presigned if args.presign else signer
+        run_id, sent, event_id_str = uuid.uuid4().hex, itertools.count(), str(event_id)
+
+        async def send_scan(dev: Actor, on_reply: OnReply) -> None:
             if seen and random.random() < args.duplicates:
                 code = random.choice(seen)
             else:
                 code = next(cursor)
                 seen.append(code)
-            body = {"event_id": str(event_id), "ticket_code": code, "direction": "entry",
-                    "gate": dev.user_id, "nonce": uuid.uuid4().hex}
-            t0 = time.perf_counter()
-            try:
-                reply = await client.request("vge.cmd.scanning.scan", body, actor=dev, org_id=org,
-                                             correlation_id=uuid.uuid4().hex)
-                latencies.append(time.perf_counter() - t0)
-                tally[reply["result"]] += 1
-            except DomainError:
-                tally["errors"] += 1
+            # nonces and correlation ids from a counter under this run's prefix: unique, as a
+            # device's are, without a random UUID each (the devices' work, not the platform's)
+            n = next(sent)
+            body = orjson.dumps({"event_id": event_id_str, "ticket_code": code, "direction": "entry",
+                                 "gate": dev.user_id, "nonce": f"{run_id}-{n}"})
+            correlation_id = f"{run_id}-c{n}"
+            _, context = issuer.issue(actor=dev, org_id=org, subject=SCAN_SUBJECT,
+                                      correlation_id=correlation_id, ttl_seconds=600.0)
+            await requests.send(SCAN_SUBJECT, body, {CONTEXT_HEADER: context, CORRELATION_HEADER: correlation_id},
+                                on_reply)
+
+        def tallying(latencies: list[float], tally: dict[str, int]) -> OnReply:
+            async def on_reply(msg: Msg | None, latency: float) -> None:
+                # an error reply, no reply in time, or NATS's empty "no responders"
+                if msg is None or not msg.data or (msg.headers or {}).get(STATUS_HEADER) == "error":
+                    tally["errors"] += 1
+                    return
+                latencies.append(latency)
+                tally[orjson.loads(msg.data)["result"]] += 1
+            return on_reply
 
         if args.presign:
             # flat out: up to 3,000/s; fixed rate: its share per device; a few spare each
             per_device = int((3000 * args.seconds + args.rate * args.rate_seconds) / args.devices) + 16
             print(f"signing {per_device * args.devices:,} contexts ahead ...", flush=True)
-            presigned.fill(devices, org, "vge.cmd.scanning.scan", per_device, ttl=600.0)
+            presigned.fill(devices, org, SCAN_SUBJECT, per_device, ttl=600.0)
 
-        # phase 1: flat out
+        # phase 1: flat out, closed loop: each device sends its next scan when its reply comes
         lat: list[float] = []
         tally = {"accepted": 0, "rejected": 0, "errors": 0}
+        record = tallying(lat, tally)
         stop_at = time.perf_counter() + args.seconds
 
-        async def device_loop(dev: Actor) -> None:
-            while time.perf_counter() < stop_at:
-                await scan_one(dev, lat, tally)
+        def device(dev: Actor) -> OnReply:
+            async def on_reply(msg: Msg | None, latency: float) -> None:
+                await record(msg, latency)
+                if time.perf_counter() < stop_at:
+                    await send_scan(dev, on_reply)
+            return on_reply
 
         print(f"flat out for {args.seconds:.0f}s (service pid {service.pid}) ...", flush=True)
         settle_heap()
         cpu = cpu_by_program()
         t0 = time.perf_counter()
-        await asyncio.gather(*(device_loop(d) for d in devices))
+        for d in devices:
+            await send_scan(d, device(d))
+        await requests.drained()
         report(f"flat out, {args.devices} devices", lat, time.perf_counter() - t0, **tally)
         print(cpu_report(cpu, time.perf_counter() - t0, sum(tally.values())), flush=True)
         print(await service_figures(ports[0]), flush=True)
@@ -379,15 +406,19 @@ async def main() -> None:
         await settle(urls["database_url"])
         lat2: list[float] = []
         tally2 = {"accepted": 0, "rejected": 0, "errors": 0}
+        record2 = tallying(lat2, tally2)
         total = int(args.rate * args.rate_seconds)
         before = await service_sums(ports[0])
         settle_heap()
         cpu = cpu_by_program()
         t0 = time.perf_counter()
-        await at_fixed_rate(args.rate, total, lambda i: scan_one(devices[i % len(devices)], lat2, tally2))
+        late = await send_at_fixed_rate(args.rate, total, lambda i: send_scan(devices[i % len(devices)], record2))
+        await requests.drained()
         report(f"fixed {args.rate:,.0f}/s", lat2, time.perf_counter() - t0, **tally2)
+        print(f"load generator: {late} of {total} scans sent more than 5 ms late", flush=True)
         print(cpu_report(cpu, time.perf_counter() - t0, sum(tally2.values())), flush=True)
         print(await service_figures(ports[0], before), flush=True)
+        await requests.stop()
 
         # phase 3: one offline batch
         await settle(urls["database_url"])

@@ -1,5 +1,5 @@
 """What the load generators share: contexts signed before the clock starts, a garbage
-collector kept out of the measurement, and a cheaper event loop.
+collector kept out of the measurement, a cheaper event loop, and requests without a future each.
 
 The benches import it from their own folder (a script's folder is on ``sys.path``)."""
 
@@ -11,15 +11,18 @@ import gc
 import math
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import uvloop
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from libs.actor import Actor
 from libs.context import ContextSigner
 
-__all__ = ["PresignedContexts", "at_fixed_rate", "percentile", "run", "settle_heap"]
+__all__ = ["OnReply", "PresignedContexts", "ReplyInbox", "at_fixed_rate", "percentile", "run", "send_at_fixed_rate",
+           "settle_heap"]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -70,6 +73,92 @@ async def at_fixed_rate(rate: float, total: int, send: Callable[[int], Coroutine
     if failures:
         raise failures[0]
     return late
+
+
+async def send_at_fixed_rate(rate: float, total: int, send: Callable[[int], Awaitable[None]]) -> int:
+    """Call ``send(0)`` ... ``send(total - 1)`` at ``rate`` per second from now, each awaited in
+    turn: for a ``send`` that only sends (``ReplyInbox.send``), not one that waits for its
+    reply, which ``at_fixed_rate`` is for. Returns how many were sent more than 5 ms late."""
+    late = 0
+    t0 = time.perf_counter()
+    for i in range(total):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif delay < -0.005:
+            late += 1
+        await send(i)
+    return late
+
+
+OnReply = Callable[[Msg | None, float], Awaitable[None]]
+
+
+class ReplyInbox:
+    """Core NATS requests whose replies all come to one subscription, each handed to the
+    callback sent with its request, with the time it took (``None`` for a request unanswered
+    after ``timeout``).
+
+    Why not nats-py's ``request``: it makes a future, an inbox token and a ``wait_for`` timer
+    per request, and a load generator awaiting it needs a task per request in flight. That is
+    CPU taken from the service under test on these two cores, and more so at a fixed rate,
+    where every request is a wake-up of its own. The service sees the same messages either way:
+    a request with a reply subject and headers."""
+
+    def __init__(self, nc: NatsClient, *, timeout: float = 5.0) -> None:
+        self._nc = nc
+        self._timeout = timeout
+        self._prefix = ""
+        self._sent = 0
+        # reply subject -> (sent at, callback); dicts keep insertion order, so the oldest
+        # requests come first (the sweep stops at the first one still in time)
+        self._waiting: dict[str, tuple[float, OnReply]] = {}
+        self._sub: Any = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._prefix = self._nc.new_inbox() + "."
+        self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    @property
+    def waiting(self) -> int:
+        """Requests sent and neither answered nor timed out yet."""
+        return len(self._waiting)
+
+    async def send(self, subject: str, payload: bytes, headers: dict[str, str], on_reply: OnReply) -> None:
+        """Send one request; ``on_reply`` is awaited with its reply (or ``None``) and latency."""
+        self._sent += 1
+        reply = f"{self._prefix}{self._sent}"
+        self._waiting[reply] = (time.perf_counter(), on_reply)
+        await self._nc.publish(subject, payload, reply=reply, headers=headers)
+
+    async def drained(self) -> None:
+        """Wait until every request sent has been answered or has timed out."""
+        while self._waiting:
+            await asyncio.sleep(0.005)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        entry = self._waiting.pop(msg.subject, None)
+        if entry is not None:  # (None: it timed out before its reply came)
+            sent_at, on_reply = entry
+            await on_reply(msg, time.perf_counter() - sent_at)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            expired_before = time.perf_counter() - self._timeout
+            for reply, (sent_at, on_reply) in list(self._waiting.items()):
+                if sent_at > expired_before:
+                    break
+                del self._waiting[reply]
+                await on_reply(None, time.perf_counter() - sent_at)
 
 
 def settle_heap() -> None:
