@@ -41,10 +41,27 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(main)
 
 
+async def send_at_fixed_rate(rate: float, total: int, send: Callable[[int], Awaitable[None]]) -> int:
+    """Call ``send(0)`` ... ``send(total - 1)`` at ``rate`` per second from now, each awaited in
+    turn: for a ``send`` that only sends (``ReplyInbox.send``); ``at_fixed_rate`` is for one
+    that waits for its reply. Returns how many were sent more than 5 ms late (the load
+    generator could not keep up)."""
+    late = 0
+    t0 = time.perf_counter()
+    for i in range(total):
+        delay = t0 + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif delay < -0.005:
+            late += 1
+        await send(i)
+    return late
+
+
 async def at_fixed_rate(rate: float, total: int, send: Callable[[int], Coroutine[Any, Any, None]]) -> int:
     """Start ``send(0)`` ... ``send(total - 1)`` at ``rate`` per second from now, each on its
-    own (open loop: a slow reply never delays the next request), and wait for the last one.
-    Returns how many started more than 5 ms late (the load generator could not keep up).
+    own task (open loop: a slow reply never delays the next request), and wait for the last
+    one. Returns how many started more than 5 ms late.
 
     Only the requests still in flight are awaited at the end: a gather over every task of the
     phase (10,000+) put a done-callback per task on the loop in one go, ~20 ms during which the
@@ -57,37 +74,16 @@ async def at_fixed_rate(rate: float, total: int, send: Callable[[int], Coroutine
         if not task.cancelled() and task.exception() is not None:
             failures.append(task.exception())  # type: ignore[arg-type]
 
-    late = 0
-    t0 = time.perf_counter()
-    for i in range(total):
-        delay = t0 + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        elif delay < -0.005:
-            late += 1
+    async def start(i: int) -> None:
         task = asyncio.create_task(send(i))
         in_flight.add(task)
         task.add_done_callback(done)
+
+    late = await send_at_fixed_rate(rate, total, start)
     while in_flight:
         await asyncio.wait(set(in_flight))
     if failures:
         raise failures[0]
-    return late
-
-
-async def send_at_fixed_rate(rate: float, total: int, send: Callable[[int], Awaitable[None]]) -> int:
-    """Call ``send(0)`` ... ``send(total - 1)`` at ``rate`` per second from now, each awaited in
-    turn: for a ``send`` that only sends (``ReplyInbox.send``), not one that waits for its
-    reply, which ``at_fixed_rate`` is for. Returns how many were sent more than 5 ms late."""
-    late = 0
-    t0 = time.perf_counter()
-    for i in range(total):
-        delay = t0 + i / rate - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        elif delay < -0.005:
-            late += 1
-        await send(i)
     return late
 
 
