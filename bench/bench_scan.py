@@ -359,8 +359,8 @@ async def main() -> None:
             correlation_id = f"{run_id}-c{n}"
             _, context = issuer.issue(actor=dev, org_id=org, subject=SCAN_SUBJECT,
                                       correlation_id=correlation_id, ttl_seconds=600.0)
-            await requests.send(SCAN_SUBJECT, body, {CONTEXT_HEADER: context, CORRELATION_HEADER: correlation_id},
-                                on_reply)
+            headers = {CONTEXT_HEADER: context, CORRELATION_HEADER: correlation_id}
+            await requests.send(SCAN_SUBJECT, body, headers, on_reply)
 
         def tallying(latencies: list[float], tally: dict[str, int]) -> OnReply:
             async def on_reply(msg: Msg | None, latency: float) -> None:
@@ -412,7 +412,8 @@ async def main() -> None:
         settle_heap()
         cpu = cpu_by_program()
         t0 = time.perf_counter()
-        late = await send_at_fixed_rate(args.rate, total, lambda i: send_scan(devices[i % len(devices)], record2))
+        late = await send_at_fixed_rate(args.rate, total,
+                                        lambda i: send_scan(devices[i % len(devices)], record2))
         await requests.drained()
         report(f"fixed {args.rate:,.0f}/s", lat2, time.perf_counter() - t0, **tally2)
         print(f"load generator: {late} of {total} scans sent more than 5 ms late", flush=True)

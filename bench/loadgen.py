@@ -21,8 +21,10 @@ from nats.aio.msg import Msg
 from libs.actor import Actor
 from libs.context import ContextSigner
 
-__all__ = ["OnReply", "PresignedContexts", "ReplyInbox", "at_fixed_rate", "percentile", "run", "send_at_fixed_rate",
-           "settle_heap"]
+__all__ = [
+    "OnReply", "PresignedContexts", "ReplyInbox", "at_fixed_rate", "percentile", "run", "send_at_fixed_rate",
+    "settle_heap",
+]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -113,20 +115,17 @@ class ReplyInbox:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Subscribe to the replies; call before the first ``send``."""
         self._prefix = self._nc.new_inbox() + "."
         self._sub = await self._nc.subscribe(self._prefix + "*", cb=self._on_reply)
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def stop(self) -> None:
+        """Stop timing requests out and unsubscribe (replies still on their way are dropped)."""
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._sub is not None:
             await self._sub.unsubscribe()
-
-    @property
-    def waiting(self) -> int:
-        """Requests sent and neither answered nor timed out yet."""
-        return len(self._waiting)
 
     async def send(self, subject: str, payload: bytes, headers: dict[str, str], on_reply: OnReply) -> None:
         """Send one request; ``on_reply`` is awaited with its reply (or ``None``) and latency."""

@@ -41,9 +41,9 @@ REGISTRY_CONSUMER = "scanning-registry"
 # much later, and a re-scan meanwhile goes to the authority, which rejects it (a re-scan at
 # another gate takes seconds); a read's answer mostly comes after its own scan was decided, and
 # serves the next scans of the ticket (a duplicate is a re-scan, seconds or minutes later).
-# 50 ms, not 10: each Redis call still cost ~8% of the service's time at 1,000 scans/s, mostly
-# the write that wakes redis-server. bench/bench_scan.py, 3 pairs: service CPU per scan at
-# 1,000/s 632-648 -> 599-619 us, flat out 336-371 -> 330-347 us (a slow VM day).
+# 50 ms, not 10: at 10 ms the two kinds of Redis call still took ~8% of the service's time at
+# 1,000 scans/s (py-spy). bench/bench_scan.py, 3 pairs: service CPU per scan at 1,000/s
+# 632-648 -> 599-619 us, flat out 336-371 -> 330-347 us (a slow VM day).
 TIER2_LINGER_SECONDS = 0.05
 
 
