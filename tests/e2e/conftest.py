@@ -95,6 +95,18 @@ class Tenant:
         assert done.status_code == 200, done.text
         return done.json()
 
+    async def occupancy_when_known(self, event_id: str, timeout: float = 15.0) -> dict[str, Any]:
+        """The event's occupancy, once scanning's registry has the event: it learns of a new
+        event from payments' ``event.created``, a moment after the event was created, and
+        answers 404 until then."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            r = await self.get(f"/v1/events/{event_id}/occupancy")
+            if r.status_code == 200:
+                return r.json()
+            assert r.status_code == 404 and asyncio.get_running_loop().time() < deadline, r.text
+            await asyncio.sleep(0.05)
+
     async def scan_until_known(self, device_token: str, event_id: str, code: str,
                                timeout: float = 15.0, **fields: Any) -> dict[str, Any]:
         """Scan until scanning's registry has the ticket (it learns of sales from events)."""
