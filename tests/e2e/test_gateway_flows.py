@@ -30,6 +30,7 @@ async def test_device_scans_and_dashboard_sees_occupancy_within_a_second(tenant,
     device = await tenant.device(event["event_id"], gate="North")
     sold = await tenant.buy(event["event_id"], quantity=2)
     codes = [t["ticket_code"] for t in sold["tickets"]]
+    await tenant.occupancy_when_known(event["event_id"])  # (the stream starts with it: a 404 before)
     stream_url = f"/v1/events/{event['event_id']}/occupancy/stream"
     async with tenant.http.stream("GET", stream_url, headers=tenant.auth()) as stream:
         assert stream.status_code == 200

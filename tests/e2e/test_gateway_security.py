@@ -66,6 +66,7 @@ async def test_a_viewer_may_not_refund_and_a_key_cannot_outrank_its_minter(tenan
                       platform.settings.jwt_hs256_secret, algorithm="HS256")
     r = await tenant.post(f"/v1/checkouts/{bought['checkout_id']}/refund", token=user)
     assert r.status_code == 403
+    await tenant.occupancy_when_known(event["event_id"])
     occupancy = await tenant.get(f"/v1/events/{event['event_id']}/occupancy", token=user)
     assert occupancy.status_code == 200  # a viewer may look
     admin = (await tenant.post("/v1/api-keys", {"name": "ops", "role": "admin"})).json()["api_key"]
@@ -127,6 +128,7 @@ async def test_revocation_reaches_every_gateway_replica(tenant, start_service, p
 
     second = await start_service(build, gateway_port=0)
     event = await tenant.create_event()
+    await tenant.occupancy_when_known(event["event_id"])
     reg = (await tenant.post("/v1/devices", {"name": "gate"})).json()
     token = (await tenant.http.post("/v1/devices/enrol",
                                     json={"enrolment_token": reg["enrolment_token"]})).json()["device_token"]
@@ -188,6 +190,7 @@ async def test_a_command_without_the_gateways_signature_is_refused(tenant, platf
 
 async def test_an_open_occupancy_stream_ends_when_its_credential_is_revoked(tenant):
     event = await tenant.create_event()
+    await tenant.occupancy_when_known(event["event_id"])  # (the stream starts with it: a 404 before)
     key = (await tenant.post("/v1/api-keys", {"name": "wallboard", "role": "viewer"})).json()
     async with tenant.http.stream("GET", f"/v1/events/{event['event_id']}/occupancy/stream",
                                   headers=tenant.auth(key["api_key"])) as stream:
