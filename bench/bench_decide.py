@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -37,11 +35,10 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loadgen import percentile  # noqa: E402
+from loadgen import bench_servers, percentile  # noqa: E402
 from libs.db import create_pool, service_dsn  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.migrations import migrate  # noqa: E402
-from libs.servers import resolve_server_urls  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from services.scanning.bootstrap import MIGRATIONS  # noqa: E402
 
@@ -118,10 +115,8 @@ async def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     configure_logging("WARNING", "console")
 
-    data = Path(tempfile.mkdtemp(prefix="vge-bench-decide-"))
     settings = Settings()
-    urls, servers = resolve_server_urls(settings, data, allow_docker=False, fsync=args.fsync)
-    try:
+    with bench_servers("decide", settings, fsync=args.fsync) as (urls, data):
         admin = urls["database_url"]
         await migrate(admin, "scanning", MIGRATIONS, role_password=settings.db_role_password)
         org, event_id = uuid.uuid4(), uuid.uuid4()
@@ -145,10 +140,6 @@ async def main() -> None:
                                   f"round {rnd + 1}, {variant}")
         finally:
             await owner.close()
-    finally:
-        if servers is not None:
-            servers.stop()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,9 @@ import asyncio
 import importlib.util
 import json
 import os
-import shutil
 import random
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -50,12 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_scan import double_admissions, report, seed, wait_healthy  # noqa: E402
-from loadgen import at_fixed_rate, percentile, run, settle_heap  # noqa: E402
+from loadgen import at_fixed_rate, bench_servers, percentile, run, settle_heap  # noqa: E402
 
 from libs.context import generate_key_pair  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
-from libs.servers import free_port, resolve_server_urls  # noqa: E402
+from libs.servers import free_port  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from services.gateway.cli import create_tenant  # noqa: E402
 
@@ -300,208 +298,209 @@ async def main() -> None:
     args = ap.parse_args()
     configure_logging("WARNING", "console")
 
-    data = Path(tempfile.mkdtemp(prefix="vge-bench-http-"))
-    urls, servers = resolve_server_urls(Settings(), data, allow_docker=False, fsync=args.fsync)
-    private, public = generate_key_pair()
-    env = {**os.environ, "VGE_NATS_URL": urls["nats_url"], "VGE_DATABASE_URL": urls["database_url"],
-           "VGE_REDIS_URL": urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": public, "VGE_LOG_LEVEL": "WARNING"}
-    scan_ports = [free_port() for _ in range(args.replicas)]
-    gw_ports = [free_port() for _ in range(args.gateways)]
+    with bench_servers("http", Settings(), fsync=args.fsync) as (urls, data):
+        private, public = generate_key_pair()
+        env = {**os.environ, "VGE_NATS_URL": urls["nats_url"], "VGE_DATABASE_URL": urls["database_url"],
+               "VGE_REDIS_URL": urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": public,
+               "VGE_LOG_LEVEL": "WARNING"}
+        scan_ports = [free_port() for _ in range(args.replicas)]
+        gw_ports = [free_port() for _ in range(args.gateways)]
 
-    def service(name: str) -> list[str]:
-        if not args.uvloop:
-            return [sys.executable, "-m", name]
-        return [sys.executable, "-c", "import asyncio, runpy, uvloop; "
-                "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-                f"runpy.run_module({name!r}, run_name='__main__', alter_sys=True)"]
+        def service(name: str) -> list[str]:
+            if not args.uvloop:
+                return [sys.executable, "-m", name]
+            return [sys.executable, "-c", "import asyncio, runpy, uvloop; "
+                    "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+                    f"runpy.run_module({name!r}, run_name='__main__', alter_sys=True)"]
 
-    scanning = [subprocess.Popen(service("services.scanning"), env={**env, "VGE_HEALTH_PORT": str(p)})
-                for p in scan_ports]
-    gateways = [subprocess.Popen(service("services.gateway"),
-                                 env={**env, "VGE_GATEWAY_PORT": str(p), "VGE_CONTEXT_PRIVATE_KEY": private})
-                for p in gw_ports]
-    devices: list[Any] = []
-    clients: dict[int, httpx.AsyncClient] = {}
-    nc = None
-    try:
-        await wait_healthy([f"http://{HOST}:{p}/healthz" for p in scan_ports + gw_ports], timeout=60)
-        nc = await nats.connect(urls["nats_url"])
-        js = nc.jetstream()
-        await ensure_streams(js)
-        org, owner_key = await create_tenant(Settings(database_url=urls["database_url"]), "Bench")
-        event_id = uuid.uuid4()
-        tickets = args.tickets or int(args.seconds * 2500 + args.rate * args.rate_seconds) + 1000
-        print(f"seeding {tickets:,} tickets ...", flush=True)
-        codes = await seed(js, org, event_id, tickets, urls["database_url"])
-
-        # register and enrol the devices through the API, with the owner key
-        async with httpx.AsyncClient(timeout=30) as admin:
-            async def enrol(n: int) -> tuple[int, str, str]:
-                port, gate = gw_ports[n % len(gw_ports)], f"gate-{n}"
-                r = await admin.post(f"http://{HOST}:{port}/v1/devices",
-                                     json={"name": gate, "event_id": str(event_id), "gate": gate},
-                                     headers={"Authorization": f"Bearer {owner_key}"})
-                r.raise_for_status()
-                e = await admin.post(f"http://{HOST}:{port}/v1/devices/enrol",
-                                     json={"enrolment_token": r.json()["enrolment_token"]})
-                e.raise_for_status()
-                return port, e.json()["device_token"], gate
-
-            enrolled = []
-            for i in range(0, args.devices, 8):
-                enrolled += await asyncio.gather(*(enrol(n) for n in range(i, min(i + 8, args.devices))))
-        if args.client == "httpx":
-            # one client per gateway port; no limit on connections (64 devices, open-loop bursts)
-            clients = {p: httpx.AsyncClient(base_url=f"http://{HOST}:{p}", timeout=30,
-                                            limits=httpx.Limits(max_connections=None,
-                                                                max_keepalive_connections=None))
-                       for p in gw_ports}
-            devices = [HttpxDevice(clients[port], token, gate) for port, token, gate in enrolled]
-        else:
-            devices = [RawDevice(port, token, gate, args.connections_per_device)
-                       for port, token, gate in enrolled]  # fmt: skip
-        speedups = [m for m in ("httptools", "uvloop") if importlib.util.find_spec(m) is not None]
-        print(f"importable speedups: {', '.join(speedups) or 'none'} (uvicorn takes httptools when "
-              f"importable; services on uvloop: {'yes' if args.uvloop else 'no'})", flush=True)
-        print(f"{len(devices)} devices enrolled over HTTP; client: {args.client}; "
-              f"gateway pid(s) {[g.pid for g in gateways]}, scanning pid(s) {[s.pid for s in scanning]}",
-              flush=True)
-
-        # warm up: a connection and a cached credential per device (unknown codes: no admission)
-        for dev in devices:
-            status, body = await dev.scan({"event_id": str(event_id), "ticket_code": f"WARMUP-{uuid.uuid4().hex}"})
-            assert status == 200 and body["reason"] == "unknown_ticket", (status, body)
-
-        cursor = iter(codes)
-        seen: list[str] = []
-        totals = Counter()
-
-        def next_code() -> str:
-            if seen and random.random() < args.duplicates:
-                return random.choice(seen)
-            code = next(cursor, None)
-            if code is None:  # out of fresh tickets: re-scan (a rejection, still a scan)
-                return random.choice(seen)
-            seen.append(code)
-            return code
-
-        async def scan_one(dev: Any, latencies: list[float], tally: Counter) -> None:
-            body = {"event_id": str(event_id), "ticket_code": next_code(), "direction": "entry",
-                    "nonce": uuid.uuid4().hex}
-            t0 = time.perf_counter()
-            try:
-                status, reply = await dev.scan(body)
-            except Exception as exc:  # noqa: BLE001 - count it, keep going
-                tally[f"error {type(exc).__name__}"] += 1
-                return
-            latencies.append(time.perf_counter() - t0)
-            if status == 200:
-                tally[reply["result"]] += 1
-            else:
-                tally[f"HTTP {status}"] += 1
-
-        redis_port = urls["redis_url"].rsplit(":", 1)[1].split("/")[0]
-        probe = httpx.AsyncClient(timeout=10)
-        clients[0] = probe  # closed with the others
-        service_ports = gw_ports + scan_ports
-        meter = CpuMeter([str(data), f"{HOST}:{redis_port}"],
-                         {"gateway": [g.pid for g in gateways], "scanning": [s.pid for s in scanning]})
-
-        def summary(name: str, lat: list[float], elapsed: float, tally: Counter) -> None:
-            errors = sum(v for k, v in tally.items() if k not in ("accepted", "rejected"))
-            report(name, lat, elapsed, tally["accepted"], tally["rejected"], errors)
-            if errors:
-                print("  errors: " + ", ".join(f"{k} x{v}" for k, v in tally.items()
-                                               if k not in ("accepted", "rejected")), flush=True)
-            totals.update(tally)
-
-        # phase 1: flat out
-        if args.seconds > 0:
-            lat: list[float] = []
-            tally: Counter = Counter()
-            spies = []
-            if args.profile:
-                args.profile.mkdir(parents=True, exist_ok=True)
-                spy = str(Path(sys.executable).parent / "py-spy")
-                for role, procs in (("gateway", gateways), ("scanning", scanning)):
-                    for proc in procs:
-                        out = args.profile / f"{role}-{proc.pid}.txt"
-                        spies.append(subprocess.Popen(
-                            [spy, "record", "--pid", str(proc.pid), "--duration", str(int(args.seconds)),
-                             "--rate", "200", "--nonblocking", "--format", "raw", "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-                await asyncio.sleep(1.0)  # py-spy attaches
-            stop_at = time.perf_counter() + args.seconds
-
-            async def device_loop(dev: Any) -> None:
-                while time.perf_counter() < stop_at:
-                    await scan_one(dev, lat, tally)
-
-            print(f"flat out for {args.seconds:.0f}s ...", flush=True)
-            settle_heap()
-            seen0 = await scrape(probe, service_ports)
-            cpu0, t0 = meter.sample(), time.perf_counter()
-            await asyncio.gather(*(device_loop(d) for d in devices))
-            elapsed = time.perf_counter() - t0
-            cpu1 = meter.sample()
-            summary(f"flat out, {len(devices)} devices", lat, elapsed, tally)
-            print(meter.line(cpu0, cpu1, elapsed, len(lat)), flush=True)
-            print(means_line(seen0, await scrape(probe, service_ports)), flush=True)
-            for s in spies:
-                s.wait(60)
-            if spies:
-                print(f"  profiles (py-spy raw, collapsed stacks) in {args.profile}", flush=True)
-            await asyncio.sleep(2.0)  # let the outbox relay and coalescing settle
-
-        # phase 2: fixed rate, open loop
-        if args.rate > 0:
-            lat2: list[float] = []
-            tally2: Counter = Counter()
-            total = int(args.rate * args.rate_seconds)
-            settle_heap()
-            cpu0, t0 = meter.sample(), time.perf_counter()
-            seen0 = await scrape(probe, service_ports)
-            # (late: requests the client itself could not start on schedule)
-            late = await at_fixed_rate(args.rate, total, lambda i: scan_one(devices[i % len(devices)], lat2, tally2))
-            elapsed = time.perf_counter() - t0
-            cpu1 = meter.sample()
-            summary(f"fixed {args.rate:,.0f}/s, {len(devices)} devices", lat2, elapsed, tally2)
-            print(meter.line(cpu0, cpu1, elapsed, len(lat2)), flush=True)
-            print(means_line(seen0, await scrape(probe, service_ports)), flush=True)
-            if late:
-                print(f"  {late} requests were sent more than 5 ms late (client behind schedule)", flush=True)
-            print(f"  p99 {percentile(lat2, 99) * 1000:.2f} ms at {args.rate:,.0f} scans/s "
-                  f"(target: <= 20 ms)", flush=True)
-
-        # the database's word
-        dsn = urls["database_url"]
-        conn = await asyncpg.connect(dsn)
+        scanning = [subprocess.Popen(service("services.scanning"), env={**env, "VGE_HEALTH_PORT": str(p)})
+                    for p in scan_ports]
+        gateways = [subprocess.Popen(service("services.gateway"),
+                                     env={**env, "VGE_GATEWAY_PORT": str(p),
+                                          "VGE_CONTEXT_PRIVATE_KEY": private})
+                    for p in gw_ports]
+        devices: list[Any] = []
+        clients: dict[int, httpx.AsyncClient] = {}
+        nc = None
         try:
-            in_db = await conn.fetchval(
-                "SELECT count(*) FROM scanning.scans WHERE organization_id = $1 AND result = 'accepted' "
-                "AND direction = 'entry'", org)
+            await wait_healthy([f"http://{HOST}:{p}/healthz" for p in scan_ports + gw_ports], timeout=60)
+            nc = await nats.connect(urls["nats_url"])
+            js = nc.jetstream()
+            await ensure_streams(js)
+            org, owner_key = await create_tenant(Settings(database_url=urls["database_url"]), "Bench")
+            event_id = uuid.uuid4()
+            tickets = args.tickets or int(args.seconds * 2500 + args.rate * args.rate_seconds) + 1000
+            print(f"seeding {tickets:,} tickets ...", flush=True)
+            codes = await seed(js, org, event_id, tickets, urls["database_url"])
+
+            # register and enrol the devices through the API, with the owner key
+            async with httpx.AsyncClient(timeout=30) as admin:
+                async def enrol(n: int) -> tuple[int, str, str]:
+                    port, gate = gw_ports[n % len(gw_ports)], f"gate-{n}"
+                    r = await admin.post(f"http://{HOST}:{port}/v1/devices",
+                                         json={"name": gate, "event_id": str(event_id), "gate": gate},
+                                         headers={"Authorization": f"Bearer {owner_key}"})
+                    r.raise_for_status()
+                    e = await admin.post(f"http://{HOST}:{port}/v1/devices/enrol",
+                                         json={"enrolment_token": r.json()["enrolment_token"]})
+                    e.raise_for_status()
+                    return port, e.json()["device_token"], gate
+
+                enrolled = []
+                for i in range(0, args.devices, 8):
+                    enrolled += await asyncio.gather(*(enrol(n) for n in range(i, min(i + 8, args.devices))))
+            if args.client == "httpx":
+                # one client per gateway port; no limit on connections (64 devices, open-loop bursts)
+                clients = {p: httpx.AsyncClient(base_url=f"http://{HOST}:{p}", timeout=30,
+                                                limits=httpx.Limits(max_connections=None,
+                                                                    max_keepalive_connections=None))
+                           for p in gw_ports}
+                devices = [HttpxDevice(clients[port], token, gate) for port, token, gate in enrolled]
+            else:
+                devices = [RawDevice(port, token, gate, args.connections_per_device)
+                           for port, token, gate in enrolled]  # fmt: skip
+            speedups = [m for m in ("httptools", "uvloop") if importlib.util.find_spec(m) is not None]
+            print(f"importable speedups: {', '.join(speedups) or 'none'} (uvicorn takes httptools when "
+                  f"importable; services on uvloop: {'yes' if args.uvloop else 'no'})", flush=True)
+            print(f"{len(devices)} devices enrolled over HTTP; client: {args.client}; "
+                  f"gateway pid(s) {[g.pid for g in gateways]}, scanning pid(s) {[s.pid for s in scanning]}",
+                  flush=True)
+
+            # warm up: a connection and a cached credential per device (unknown codes: no admission)
+            for dev in devices:
+                status, body = await dev.scan({"event_id": str(event_id),
+                                               "ticket_code": f"WARMUP-{uuid.uuid4().hex}"})
+                assert status == 200 and body["reason"] == "unknown_ticket", (status, body)
+
+            cursor = iter(codes)
+            seen: list[str] = []
+            totals = Counter()
+
+            def next_code() -> str:
+                if seen and random.random() < args.duplicates:
+                    return random.choice(seen)
+                code = next(cursor, None)
+                if code is None:  # out of fresh tickets: re-scan (a rejection, still a scan)
+                    return random.choice(seen)
+                seen.append(code)
+                return code
+
+            async def scan_one(dev: Any, latencies: list[float], tally: Counter) -> None:
+                body = {"event_id": str(event_id), "ticket_code": next_code(), "direction": "entry",
+                        "nonce": uuid.uuid4().hex}
+                t0 = time.perf_counter()
+                try:
+                    status, reply = await dev.scan(body)
+                except Exception as exc:  # noqa: BLE001 - count it, keep going
+                    tally[f"error {type(exc).__name__}"] += 1
+                    return
+                latencies.append(time.perf_counter() - t0)
+                if status == 200:
+                    tally[reply["result"]] += 1
+                else:
+                    tally[f"HTTP {status}"] += 1
+
+            redis_port = urls["redis_url"].rsplit(":", 1)[1].split("/")[0]
+            probe = httpx.AsyncClient(timeout=10)
+            clients[0] = probe  # closed with the others
+            service_ports = gw_ports + scan_ports
+            meter = CpuMeter([str(data), f"{HOST}:{redis_port}"],
+                             {"gateway": [g.pid for g in gateways], "scanning": [s.pid for s in scanning]})
+
+            def summary(name: str, lat: list[float], elapsed: float, tally: Counter) -> None:
+                errors = sum(v for k, v in tally.items() if k not in ("accepted", "rejected"))
+                report(name, lat, elapsed, tally["accepted"], tally["rejected"], errors)
+                if errors:
+                    print("  errors: " + ", ".join(f"{k} x{v}" for k, v in tally.items()
+                                                   if k not in ("accepted", "rejected")), flush=True)
+                totals.update(tally)
+
+            # phase 1: flat out
+            if args.seconds > 0:
+                lat: list[float] = []
+                tally: Counter = Counter()
+                spies = []
+                if args.profile:
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    spy = str(Path(sys.executable).parent / "py-spy")
+                    for role, procs in (("gateway", gateways), ("scanning", scanning)):
+                        for proc in procs:
+                            out = args.profile / f"{role}-{proc.pid}.txt"
+                            spies.append(subprocess.Popen(
+                                [spy, "record", "--pid", str(proc.pid), "--duration", str(int(args.seconds)),
+                                 "--rate", "200", "--nonblocking", "--format", "raw", "--output", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                    await asyncio.sleep(1.0)  # py-spy attaches
+                stop_at = time.perf_counter() + args.seconds
+
+                async def device_loop(dev: Any) -> None:
+                    while time.perf_counter() < stop_at:
+                        await scan_one(dev, lat, tally)
+
+                print(f"flat out for {args.seconds:.0f}s ...", flush=True)
+                settle_heap()
+                seen0 = await scrape(probe, service_ports)
+                cpu0, t0 = meter.sample(), time.perf_counter()
+                await asyncio.gather(*(device_loop(d) for d in devices))
+                elapsed = time.perf_counter() - t0
+                cpu1 = meter.sample()
+                summary(f"flat out, {len(devices)} devices", lat, elapsed, tally)
+                print(meter.line(cpu0, cpu1, elapsed, len(lat)), flush=True)
+                print(means_line(seen0, await scrape(probe, service_ports)), flush=True)
+                for s in spies:
+                    s.wait(60)
+                if spies:
+                    print(f"  profiles (py-spy raw, collapsed stacks) in {args.profile}", flush=True)
+                await asyncio.sleep(2.0)  # let the outbox relay and coalescing settle
+
+            # phase 2: fixed rate, open loop
+            if args.rate > 0:
+                lat2: list[float] = []
+                tally2: Counter = Counter()
+                total = int(args.rate * args.rate_seconds)
+                settle_heap()
+                cpu0, t0 = meter.sample(), time.perf_counter()
+                seen0 = await scrape(probe, service_ports)
+                # (late: requests the client itself could not start on schedule)
+                late = await at_fixed_rate(args.rate, total,
+                                           lambda i: scan_one(devices[i % len(devices)], lat2, tally2))
+                elapsed = time.perf_counter() - t0
+                cpu1 = meter.sample()
+                summary(f"fixed {args.rate:,.0f}/s, {len(devices)} devices", lat2, elapsed, tally2)
+                print(meter.line(cpu0, cpu1, elapsed, len(lat2)), flush=True)
+                print(means_line(seen0, await scrape(probe, service_ports)), flush=True)
+                if late:
+                    print(f"  {late} requests were sent more than 5 ms late (client behind schedule)",
+                          flush=True)
+                print(f"  p99 {percentile(lat2, 99) * 1000:.2f} ms at {args.rate:,.0f} scans/s "
+                      f"(target: <= 20 ms)", flush=True)
+
+            # the database's word
+            dsn = urls["database_url"]
+            conn = await asyncpg.connect(dsn)
+            try:
+                in_db = await conn.fetchval(
+                    "SELECT count(*) FROM scanning.scans WHERE organization_id = $1 AND result = 'accepted' "
+                    "AND direction = 'entry'", org)
+            finally:
+                await conn.close()
+            print(f"database: {in_db} accepted entries, client saw {totals['accepted']} accepted", flush=True)
+            if in_db != totals["accepted"] and totals["HTTP 503"]:
+                print("  (the difference: scans decided after the gateway had already answered 503 for them, "
+                      "as designed when a service does not answer in time; a gate's retry with the same "
+                      "nonce gets that first decision)", flush=True)
+            print(f"double admissions: {await double_admissions(dsn, org)}", flush=True)
         finally:
-            await conn.close()
-        print(f"database: {in_db} accepted entries, client saw {totals['accepted']} accepted", flush=True)
-        if in_db != totals["accepted"] and totals["HTTP 503"]:
-            print("  (the difference: scans decided after the gateway had already answered 503 for them, "
-                  "as designed when a service does not answer in time; a gate's retry with the same "
-                  "nonce gets that first decision)", flush=True)
-        print(f"double admissions: {await double_admissions(dsn, org)}", flush=True)
-    finally:
-        if nc is not None:
-            await nc.close()
-        for dev in devices:
-            await dev.close()
-        for client in clients.values():
-            await client.aclose()
-        for proc in gateways + scanning:
-            proc.terminate()
-        for proc in gateways + scanning:
-            proc.wait(20)
-        if servers is not None:
-            servers.stop()
-            shutil.rmtree(data, ignore_errors=True)  # a run leaves gigabytes of server data behind
+            if nc is not None:
+                await nc.close()
+            for dev in devices:
+                await dev.close()
+            for client in clients.values():
+                await client.aclose()
+            for proc in gateways + scanning:
+                proc.terminate()
+            for proc in gateways + scanning:
+                proc.wait(20)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -35,8 +33,8 @@ from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.migrations import migrate  # noqa: E402
 from libs.outbox import OutboxRelay, add_events  # noqa: E402
-from libs.servers import resolve_server_urls  # noqa: E402
 from libs.settings import Settings  # noqa: E402
+from loadgen import bench_servers  # noqa: E402
 
 SCHEMA = "bench_outbox"
 
@@ -61,10 +59,8 @@ async def main() -> None:
     args = ap.parse_args()
     configure_logging("WARNING", "console")
 
-    data = Path(tempfile.mkdtemp(prefix="vge-bench-outbox-"))
     settings = Settings()
-    urls, servers = resolve_server_urls(settings, data, allow_docker=False, fsync=False)
-    try:
+    with bench_servers("outbox", settings, fsync=False) as (urls, data):
         admin = urls["database_url"]
         await migrate(admin, SCHEMA, None, role_password=settings.db_role_password)
         pool = await create_pool(service_dsn(admin, SCHEMA, settings.db_role_password), schema=SCHEMA)
@@ -88,10 +84,6 @@ async def main() -> None:
         finally:
             await nc.close()
             await pool.close()
-    finally:
-        if servers is not None:
-            servers.stop()
-        shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,10 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -51,10 +49,10 @@ from libs.context import CONTEXT_HEADER, ContextSigner, generate_key_pair, load_
 from libs.contracts.catalog import EventCreated, TicketIssued, TicketTypeInfo  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
-from libs.servers import free_port, resolve_server_urls  # noqa: E402
+from libs.servers import free_port  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from loadgen import (  # noqa: E402
-    OnReply, PresignedContexts, ReplyInbox, percentile, run, send_at_fixed_rate, settle_heap,
+    OnReply, PresignedContexts, ReplyInbox, bench_servers, percentile, run, send_at_fixed_rate, settle_heap,
 )
 
 SCAN_SUBJECT = "vge.cmd.scanning.scan"
@@ -314,140 +312,140 @@ async def main() -> None:
     print(f"host speed: {host_speed():.3f} s for a fixed loop (lower is faster; see host_speed); work "
           f"done right after 2 ms asleep takes {wake_penalty():.1f}x as long (see wake_penalty)", flush=True)
 
-    data = Path(tempfile.mkdtemp(prefix="vge-bench-"))
-    urls, servers = resolve_server_urls(Settings(), data, allow_docker=False, fsync=args.fsync)
-    private, public = generate_key_pair()
-    env = {**os.environ, "VGE_NATS_URL": urls["nats_url"], "VGE_DATABASE_URL": urls["database_url"],
-           "VGE_REDIS_URL": urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": public, "VGE_LOG_LEVEL": "WARNING"}
-    ports = [free_port() for _ in range(args.replicas)]
-    services = [subprocess.Popen([sys.executable, "-m", "services.scanning"], env={**env, "VGE_HEALTH_PORT": str(p)})
-                for p in ports]
-    service = services[0]
-    try:
-        await wait_healthy([f"http://127.0.0.1:{port}/healthz" for port in ports])
-        nc = await nats.connect(urls["nats_url"])
-        js = nc.jetstream()
-        await ensure_streams(js)
-        signer = ContextSigner(load_private_key(private))
-        presigned = PresignedContexts(signer)
-        client = CommandClient(nc, presigned if args.presign else signer, timeout=5.0, ttl=600.0)
-        org, event_id = uuid.uuid4(), uuid.uuid4()
-        expected = int(args.seconds * 6000) + int(args.rate * args.rate_seconds) + args.offline
-        print(f"seeding {expected:,} tickets ...", flush=True)
-        codes = await seed(js, org, event_id, expected, urls["database_url"])
-        devices = [Actor(user_id=f"bench-{n}", organization_id=org, role=None, type=ActorType.DEVICE)
-                   for n in range(args.devices)]
-        cursor = iter(codes)
-        seen: list[str] = []
+    with bench_servers("scan", Settings(), fsync=args.fsync) as (urls, data):
+        private, public = generate_key_pair()
+        env = {**os.environ, "VGE_NATS_URL": urls["nats_url"], "VGE_DATABASE_URL": urls["database_url"],
+               "VGE_REDIS_URL": urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": public,
+               "VGE_LOG_LEVEL": "WARNING"}
+        ports = [free_port() for _ in range(args.replicas)]
+        services = [subprocess.Popen([sys.executable, "-m", "services.scanning"],
+                                     env={**env, "VGE_HEALTH_PORT": str(p)})
+                    for p in ports]
+        service = services[0]
+        try:
+            await wait_healthy([f"http://127.0.0.1:{port}/healthz" for port in ports])
+            nc = await nats.connect(urls["nats_url"])
+            js = nc.jetstream()
+            await ensure_streams(js)
+            signer = ContextSigner(load_private_key(private))
+            presigned = PresignedContexts(signer)
+            client = CommandClient(nc, presigned if args.presign else signer, timeout=5.0, ttl=600.0)
+            org, event_id = uuid.uuid4(), uuid.uuid4()
+            expected = int(args.seconds * 6000) + int(args.rate * args.rate_seconds) + args.offline
+            print(f"seeding {expected:,} tickets ...", flush=True)
+            codes = await seed(js, org, event_id, expected, urls["database_url"])
+            devices = [Actor(user_id=f"bench-{n}", organization_id=org, role=None, type=ActorType.DEVICE)
+                       for n in range(args.devices)]
+            cursor = iter(codes)
+            seen: list[str] = []
 
-        requests = ReplyInbox(nc, timeout=5.0)
-        await requests.start()
-        issuer = presigned if args.presign else signer
-        run_id, sent, event_id_str = uuid.uuid4().hex, itertools.count(), str(event_id)
+            requests = ReplyInbox(nc, timeout=5.0)
+            await requests.start()
+            issuer = presigned if args.presign else signer
+            run_id, sent, event_id_str = uuid.uuid4().hex, itertools.count(), str(event_id)
 
-        async def send_scan(dev: Actor, on_reply: OnReply) -> None:
-            if seen and random.random() < args.duplicates:
-                code = random.choice(seen)
-            else:
-                code = next(cursor)
-                seen.append(code)
-            # nonces and correlation ids from a counter under this run's prefix: unique, as a
-            # device's are, without a random UUID each (the devices' work, not the platform's)
-            n = next(sent)
-            body = orjson.dumps({"event_id": event_id_str, "ticket_code": code, "direction": "entry",
-                                 "gate": dev.user_id, "nonce": f"{run_id}-{n}"})
-            correlation_id = f"{run_id}-c{n}"
-            _, context = issuer.issue(actor=dev, org_id=org, subject=SCAN_SUBJECT,
-                                      correlation_id=correlation_id, ttl_seconds=600.0)
-            headers = {CONTEXT_HEADER: context, CORRELATION_HEADER: correlation_id}
-            await requests.send(SCAN_SUBJECT, body, headers, on_reply)
+            async def send_scan(dev: Actor, on_reply: OnReply) -> None:
+                if seen and random.random() < args.duplicates:
+                    code = random.choice(seen)
+                else:
+                    code = next(cursor)
+                    seen.append(code)
+                # nonces and correlation ids from a counter under this run's prefix: unique, as a
+                # device's are, without a random UUID each (the devices' work, not the platform's)
+                n = next(sent)
+                body = orjson.dumps({"event_id": event_id_str, "ticket_code": code, "direction": "entry",
+                                     "gate": dev.user_id, "nonce": f"{run_id}-{n}"})
+                correlation_id = f"{run_id}-c{n}"
+                _, context = issuer.issue(actor=dev, org_id=org, subject=SCAN_SUBJECT,
+                                          correlation_id=correlation_id, ttl_seconds=600.0)
+                headers = {CONTEXT_HEADER: context, CORRELATION_HEADER: correlation_id}
+                await requests.send(SCAN_SUBJECT, body, headers, on_reply)
 
-        def tallying(latencies: list[float], tally: dict[str, int]) -> OnReply:
-            async def on_reply(msg: Msg | None, latency: float) -> None:
-                # an error reply, no reply in time, or NATS's empty "no responders"
-                if msg is None or not msg.data or (msg.headers or {}).get(STATUS_HEADER) == "error":
-                    tally["errors"] += 1
-                    return
-                latencies.append(latency)
-                tally[orjson.loads(msg.data)["result"]] += 1
-            return on_reply
+            def tallying(latencies: list[float], tally: dict[str, int]) -> OnReply:
+                async def on_reply(msg: Msg | None, latency: float) -> None:
+                    # an error reply, no reply in time, or NATS's empty "no responders"
+                    if msg is None or not msg.data or (msg.headers or {}).get(STATUS_HEADER) == "error":
+                        tally["errors"] += 1
+                        return
+                    latencies.append(latency)
+                    tally[orjson.loads(msg.data)["result"]] += 1
+                return on_reply
 
-        if args.presign:
-            # flat out: up to 3,000/s; fixed rate: its share per device; a few spare each
-            per_device = int((3000 * args.seconds + args.rate * args.rate_seconds) / args.devices) + 16
-            print(f"signing {per_device * args.devices:,} contexts ahead ...", flush=True)
-            presigned.fill(devices, org, SCAN_SUBJECT, per_device, ttl=600.0)
+            if args.presign:
+                # flat out: up to 3,000/s; fixed rate: its share per device; a few spare each
+                per_device = int((3000 * args.seconds + args.rate * args.rate_seconds) / args.devices) + 16
+                print(f"signing {per_device * args.devices:,} contexts ahead ...", flush=True)
+                presigned.fill(devices, org, SCAN_SUBJECT, per_device, ttl=600.0)
 
-        # phase 1: flat out, closed loop: each device sends its next scan when its reply comes
-        lat: list[float] = []
-        tally = {"accepted": 0, "rejected": 0, "errors": 0}
-        record = tallying(lat, tally)
-        stop_at = time.perf_counter() + args.seconds
+            # phase 1: flat out, closed loop: each device sends its next scan when its reply comes
+            lat: list[float] = []
+            tally = {"accepted": 0, "rejected": 0, "errors": 0}
+            record = tallying(lat, tally)
+            stop_at = time.perf_counter() + args.seconds
 
-        def device(dev: Actor) -> OnReply:
-            async def on_reply(msg: Msg | None, latency: float) -> None:
-                await record(msg, latency)
-                if time.perf_counter() < stop_at:
-                    await send_scan(dev, on_reply)
-            return on_reply
+            def device(dev: Actor) -> OnReply:
+                async def on_reply(msg: Msg | None, latency: float) -> None:
+                    await record(msg, latency)
+                    if time.perf_counter() < stop_at:
+                        await send_scan(dev, on_reply)
+                return on_reply
 
-        print(f"flat out for {args.seconds:.0f}s (service pid {service.pid}) ...", flush=True)
-        settle_heap()
-        cpu = cpu_by_program()
-        t0 = time.perf_counter()
-        for d in devices:
-            await send_scan(d, device(d))
-        await requests.drained()
-        report(f"flat out, {args.devices} devices", lat, time.perf_counter() - t0, **tally)
-        print(cpu_report(cpu, time.perf_counter() - t0, sum(tally.values())), flush=True)
-        print(await service_figures(ports[0]), flush=True)
+            print(f"flat out for {args.seconds:.0f}s (service pid {service.pid}) ...", flush=True)
+            settle_heap()
+            cpu = cpu_by_program()
+            t0 = time.perf_counter()
+            for d in devices:
+                await send_scan(d, device(d))
+            await requests.drained()
+            report(f"flat out, {args.devices} devices", lat, time.perf_counter() - t0, **tally)
+            print(cpu_report(cpu, time.perf_counter() - t0, sum(tally.values())), flush=True)
+            print(await service_figures(ports[0]), flush=True)
 
-        # phase 2: fixed rate, open loop
-        await settle(urls["database_url"])
-        lat2: list[float] = []
-        tally2 = {"accepted": 0, "rejected": 0, "errors": 0}
-        record2 = tallying(lat2, tally2)
-        total = int(args.rate * args.rate_seconds)
-        before = await service_sums(ports[0])
-        settle_heap()
-        cpu = cpu_by_program()
-        t0 = time.perf_counter()
-        late = await send_at_fixed_rate(args.rate, total,
-                                        lambda i: send_scan(devices[i % len(devices)], record2))
-        await requests.drained()
-        report(f"fixed {args.rate:,.0f}/s", lat2, time.perf_counter() - t0, **tally2)
-        print(f"load generator: {late} of {total} scans sent more than 5 ms late", flush=True)
-        print(cpu_report(cpu, time.perf_counter() - t0, sum(tally2.values())), flush=True)
-        print(await service_figures(ports[0], before), flush=True)
-        await requests.stop()
+            # phase 2: fixed rate, open loop
+            await settle(urls["database_url"])
+            lat2: list[float] = []
+            tally2 = {"accepted": 0, "rejected": 0, "errors": 0}
+            record2 = tallying(lat2, tally2)
+            total = int(args.rate * args.rate_seconds)
+            before = await service_sums(ports[0])
+            settle_heap()
+            cpu = cpu_by_program()
+            t0 = time.perf_counter()
+            late = await send_at_fixed_rate(args.rate, total,
+                                            lambda i: send_scan(devices[i % len(devices)], record2))
+            await requests.drained()
+            report(f"fixed {args.rate:,.0f}/s", lat2, time.perf_counter() - t0, **tally2)
+            print(f"load generator: {late} of {total} scans sent more than 5 ms late", flush=True)
+            print(cpu_report(cpu, time.perf_counter() - t0, sum(tally2.values())), flush=True)
+            print(await service_figures(ports[0], before), flush=True)
+            await requests.stop()
 
-        # phase 3: one offline batch
-        await settle(urls["database_url"])
-        batch_codes = list(cursor)[: args.offline]
-        start = datetime.now(UTC) - timedelta(minutes=30)
-        scans = [{"event_id": str(event_id), "ticket_code": c, "direction": "entry", "gate": "offline",
-                  "nonce": uuid.uuid4().hex, "scanned_at": (start + timedelta(milliseconds=n)).isoformat()}
-                 for n, c in enumerate(batch_codes)]
-        settle_heap()
-        t0 = time.perf_counter()
-        reply = await client.request("vge.cmd.scanning.sync", {"scans": scans}, actor=devices[0], org_id=org,
-                                     correlation_id="offline", timeout=60)
-        elapsed = time.perf_counter() - t0
-        ok = sum(r["result"] == "accepted" for r in reply["results"])
-        print(f"offline batch: {len(scans):,} scans applied in {elapsed:.2f}s "
-              f"({len(scans) / elapsed:,.0f} scans/s), accepted {ok}", flush=True)
+            # phase 3: one offline batch
+            await settle(urls["database_url"])
+            batch_codes = list(cursor)[: args.offline]
+            start = datetime.now(UTC) - timedelta(minutes=30)
+            scans = [{"event_id": str(event_id), "ticket_code": c, "direction": "entry", "gate": "offline",
+                      "nonce": uuid.uuid4().hex,
+                      "scanned_at": (start + timedelta(milliseconds=n)).isoformat()}
+                     for n, c in enumerate(batch_codes)]
+            settle_heap()
+            t0 = time.perf_counter()
+            reply = await client.request("vge.cmd.scanning.sync", {"scans": scans}, actor=devices[0],
+                                         org_id=org, correlation_id="offline", timeout=60)
+            elapsed = time.perf_counter() - t0
+            ok = sum(r["result"] == "accepted" for r in reply["results"])
+            print(f"offline batch: {len(scans):,} scans applied in {elapsed:.2f}s "
+                  f"({len(scans) / elapsed:,.0f} scans/s), accepted {ok}", flush=True)
 
-        print(f"double admissions: {await double_admissions(urls['database_url'], org)}", flush=True)
-        print(f"host speed after: {host_speed():.3f} s; after 2 ms asleep {wake_penalty():.1f}x", flush=True)
-        await nc.close()
-    finally:
-        for proc in services:
-            proc.terminate()
-        for proc in services:
-            proc.wait(20)
-        if servers is not None:
-            servers.stop()
-            shutil.rmtree(data, ignore_errors=True)  # a run leaves gigabytes of server data behind
+            print(f"double admissions: {await double_admissions(urls['database_url'], org)}", flush=True)
+            print(f"host speed after: {host_speed():.3f} s; after 2 ms asleep {wake_penalty():.1f}x",
+                  flush=True)
+            await nc.close()
+        finally:
+            for proc in services:
+                proc.terminate()
+            for proc in services:
+                proc.wait(20)
 
 
 if __name__ == "__main__":

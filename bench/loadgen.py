@@ -1,4 +1,4 @@
-"""What the load generators share: contexts signed before the clock starts, a garbage
+"""What the load generators share: the servers, contexts signed before the clock starts, a garbage
 collector kept out of the measurement, a cheaper event loop, and requests without a future each.
 
 The benches import it from their own folder (a script's folder is on ``sys.path``)."""
@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 import math
+import shutil
+import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -20,11 +24,31 @@ from nats.aio.msg import Msg
 
 from libs.actor import Actor
 from libs.context import ContextSigner
+from libs.servers import resolve_server_urls
+from libs.settings import Settings
 
 __all__ = [
-    "OnReply", "PresignedContexts", "ReplyInbox", "at_fixed_rate", "percentile", "run", "send_at_fixed_rate",
-    "settle_heap",
+    "OnReply", "PresignedContexts", "ReplyInbox", "at_fixed_rate", "bench_servers", "percentile", "run",
+    "send_at_fixed_rate", "settle_heap",
 ]
+
+
+@contextlib.contextmanager
+def bench_servers(name: str, settings: Settings, *,
+                  fsync: bool = True) -> Iterator[tuple[dict[str, str], Path]]:
+    """The servers' URLs for a bench, and the folder of those started here: the URLs configured
+    (``VGE_*_URL``), the rest started in a fresh folder, and stopped, with their data deleted, at
+    the end (a run leaves gigabytes)."""
+    data = Path(tempfile.mkdtemp(prefix=f"vge-bench-{name}-"))
+    try:
+        urls, servers = resolve_server_urls(settings, data, allow_docker=False, fsync=fsync)
+        try:
+            yield urls, data
+        finally:
+            if servers is not None:
+                servers.stop()
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def percentile(values: list[float], p: float) -> float:
