@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_scan import double_admissions, report, seed, wait_healthy  # noqa: E402
-from loadgen import at_fixed_rate, bench_servers, percentile, run, settle_heap  # noqa: E402
+from loadgen import at_fixed_rate, bench_servers, percentile, run, service_env, settle_heap  # noqa: E402
 
 from libs.context import generate_key_pair  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
@@ -300,9 +300,7 @@ async def main() -> None:
 
     with bench_servers("http", Settings(), fsync=args.fsync) as (urls, data):
         private, public = generate_key_pair()
-        env = {**os.environ, "VGE_NATS_URL": urls["nats_url"], "VGE_DATABASE_URL": urls["database_url"],
-               "VGE_REDIS_URL": urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": public,
-               "VGE_LOG_LEVEL": "WARNING"}
+        env = service_env(urls, public)
         scan_ports = [free_port() for _ in range(args.replicas)]
         gw_ports = [free_port() for _ in range(args.gateways)]
 

@@ -52,7 +52,8 @@ from libs.log import configure_logging  # noqa: E402
 from libs.servers import free_port  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from loadgen import (  # noqa: E402
-    OnReply, PresignedContexts, ReplyInbox, bench_servers, percentile, run, send_at_fixed_rate, settle_heap,
+    OnReply, PresignedContexts, ReplyInbox, bench_servers, percentile, run, send_at_fixed_rate, service_env,
+    settle_heap,
 )
 
 SCAN_SUBJECT = "vge.cmd.scanning.scan"
@@ -314,9 +315,7 @@ async def main() -> None:
 
     with bench_servers("scan", Settings(), fsync=args.fsync) as (urls, data):
         private, public = generate_key_pair()
-        env = {**os.environ, "VGE_NATS_URL": urls["nats_url"], "VGE_DATABASE_URL": urls["database_url"],
-               "VGE_REDIS_URL": urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": public,
-               "VGE_LOG_LEVEL": "WARNING"}
+        env = service_env(urls, public)
         ports = [free_port() for _ in range(args.replicas)]
         services = [subprocess.Popen([sys.executable, "-m", "services.scanning"],
                                      env={**env, "VGE_HEALTH_PORT": str(p)})

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import gc
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -29,7 +30,7 @@ from libs.settings import Settings
 
 __all__ = [
     "OnReply", "PresignedContexts", "ReplyInbox", "at_fixed_rate", "bench_servers", "percentile", "run",
-    "send_at_fixed_rate", "settle_heap",
+    "send_at_fixed_rate", "service_env", "settle_heap",
 ]
 
 
@@ -49,6 +50,14 @@ def bench_servers(name: str, settings: Settings, *,
                 servers.stop()
     finally:
         shutil.rmtree(data, ignore_errors=True)
+
+
+def service_env(urls: dict[str, str], public_key: str) -> dict[str, str]:
+    """The environment of a service process a bench starts: this process's, the servers' URLs,
+    the key that verifies the load generator's signed contexts, and warnings only in its log."""
+    return {**os.environ, "VGE_NATS_URL": urls["nats_url"], "VGE_DATABASE_URL": urls["database_url"],
+            "VGE_REDIS_URL": urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": public_key,
+            "VGE_LOG_LEVEL": "WARNING"}
 
 
 def percentile(values: list[float], p: float) -> float:
