@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -44,11 +42,11 @@ from libs.context import generate_key_pair  # noqa: E402
 from libs.db import create_pool, service_dsn  # noqa: E402
 from libs.envelope import Envelope  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
-from libs.servers import free_port, resolve_server_urls  # noqa: E402
+from libs.servers import free_port  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from libs.subjects import DEAD_LETTER_STREAM  # noqa: E402
 from libs.subjects import event as event_subject  # noqa: E402
-from loadgen import percentile  # noqa: E402
+from loadgen import bench_servers, percentile, service_env, wait_healthy  # noqa: E402
 
 LAG_METRIC = "vge_audit_record_lag_seconds"
 HISTOGRAMS = (LAG_METRIC, "vge_audit_ingest_seconds", "vge_audit_ingest_batch_size")
@@ -94,10 +92,7 @@ class AuditProcesses:
             await self.runtime.start()
             self.ports = [self.runtime.http_port]
             return
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VGE_")}
-        env.update(VGE_NATS_URL=self.urls["nats_url"], VGE_DATABASE_URL=self.urls["database_url"],
-                   VGE_REDIS_URL=self.urls["redis_url"], VGE_CONTEXT_PUBLIC_KEYS=self.public_key,
-                   VGE_LOG_FORMAT="json", VGE_LOG_LEVEL="WARNING")
+        env = {**service_env(self.urls, self.public_key), "VGE_LOG_FORMAT": "json"}
         self.ports = [free_port() for _ in range(self.instances)]
         for i, port in enumerate(self.ports):
             with (self.log_dir / f"audit-{i}.log").open("ab") as log:
@@ -105,20 +100,10 @@ class AuditProcesses:
                     [sys.executable, "-m", "services.audit"], env={**env, "VGE_HEALTH_PORT": str(port)},
                     stdout=subprocess.DEVNULL, stderr=log,
                 ))
-        async with httpx.AsyncClient() as http:
-            for proc, port in zip(self.procs, self.ports):
-                deadline = time.monotonic() + 60
-                while True:
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"audit exited; see {self.log_dir}")
-                    try:
-                        if (await http.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("audit did not become healthy")
-                    await asyncio.sleep(0.1)
+        try:
+            await wait_healthy(zip(self.ports, self.procs))
+        except RuntimeError as exc:
+            raise RuntimeError(f"audit: {exc}; its log is in {self.log_dir}") from None
 
     async def histograms(self) -> dict[str, dict[float, float]]:
         """Cumulative bucket counts of the audit histograms, summed over instances."""
@@ -366,16 +351,8 @@ async def run(args: argparse.Namespace, urls: dict[str, str], work: Path) -> dic
 
 def main() -> None:
     args = parse_args()
-    configured = Settings()
-    with tempfile.TemporaryDirectory(prefix="vge-bench-audit-") as tmp:
-        work = Path(tmp)
-        urls, servers = resolve_server_urls(configured, work / "servers", allow_docker=False,
-                                            fsync=not args.no_fsync)
-        try:
-            result = asyncio.run(run(args, urls, work))
-        finally:
-            if servers is not None:
-                servers.stop()
+    with bench_servers("audit", Settings(), fsync=not args.no_fsync) as (urls, work):
+        result = asyncio.run(run(args, urls, work))
     if args.json:
         print(json.dumps(result))
         return

@@ -10,8 +10,8 @@ Not a test. It starts what it needs and prints the figures::
 clock starts: signing is the gateway's work and the load generator shares the two cores with
 the service.
 
-Servers: the ``VGE_NATS_URL``/``VGE_DATABASE_URL``/``VGE_REDIS_URL`` ones when set, otherwise
-NATS and PostgreSQL started from the wheels in a temporary folder (``--no-fsync`` trades
+Servers: the ``VGE_NATS_URL``/``VGE_DATABASE_URL``/``VGE_REDIS_URL`` ones when set, the others
+started from the wheels in a temporary folder, deleted at the end (``--no-fsync`` trades
 PostgreSQL durability for speed, as the test suite does). The service runs as
 ``python -m services.payments`` child processes (``--replicas``), so the load generator does not
 share its event loop; ``--in-process`` runs it inside this process instead.
@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -45,7 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
-import httpx  # noqa: E402
 import nats  # noqa: E402
 
 from libs.actor import Actor, ActorType, Role  # noqa: E402
@@ -53,9 +50,12 @@ from libs.commands import CommandClient  # noqa: E402
 from libs.context import ContextSigner, generate_key_pair, load_private_key  # noqa: E402
 from libs.errors import DomainError  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
-from libs.servers import LocalServers, free_port  # noqa: E402
+from libs.servers import free_port  # noqa: E402
 from libs.settings import Settings  # noqa: E402
-from loadgen import PresignedContexts, at_fixed_rate, percentile, run as run_loop, settle_heap  # noqa: E402
+from loadgen import (  # noqa: E402
+    PresignedContexts, at_fixed_rate, bench_servers, percentile, run as run_loop, service_env, settle_heap,
+    wait_healthy,
+)
 
 PRICE = 25_000
 
@@ -161,22 +161,6 @@ def report(title: str, result: dict) -> None:
     print(f"  errors              : {errors}" + (f" {dict(result['errors'])}" if errors else ""))
 
 
-async def wait_healthy(port: int, proc: subprocess.Popen | None, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient() as http:
-        while True:
-            if proc is not None and proc.poll() is not None:
-                raise SystemExit(f"payments exited with {proc.returncode}")
-            try:
-                if (await http.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("payments did not become healthy")
-            await asyncio.sleep(0.2)
-
-
 async def settle(database_url: str, timeout: float = 15.0) -> None:
     """Wait until the outbox is published (phase 1 leaves a backlog the relay is still
     sending), so the next phase does not measure the one before; prints what it waited for."""
@@ -195,17 +179,14 @@ async def settle(database_url: str, timeout: float = 15.0) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     configure_logging("WARNING", "console")
-    settings = Settings()
-    servers = None
-    urls = {"nats_url": settings.nats_url, "database_url": settings.database_url,
-            "redis_url": settings.redis_url or "redis://127.0.0.1:1/0"}
-    if not (settings.nats_url and settings.database_url):
-        data = Path(tempfile.mkdtemp(prefix="vge-bench-"))
-        servers = LocalServers(data, fsync=not args.no_fsync, redis=False).start()
-        urls.update(nats_url=servers.nats_url, database_url=servers.database_url)
-        print(f"servers: local in {data} (PostgreSQL fsync {'off' if args.no_fsync else 'on'})")
-    else:
-        print("servers: from VGE_*_URL")
+    with bench_servers("checkout", Settings(), fsync=not args.no_fsync) as (urls, data):
+        print(f"servers: VGE_*_URL where set, the rest started in {data} "
+              f"(PostgreSQL fsync {'off' if args.no_fsync else 'on'})")
+        await run_against(args, urls)
+
+
+async def run_against(args: argparse.Namespace, urls: dict[str, str]) -> None:
+    """Start the payments service against ``urls``, run both phases and check the books."""
     private, public = generate_key_pair()
     procs: list[subprocess.Popen] = []
     runtimes = []
@@ -222,14 +203,11 @@ async def run(args: argparse.Namespace) -> None:
         else:
             for _ in range(args.replicas):
                 port = free_port()
-                env = {**os.environ, "VGE_NATS_URL": urls["nats_url"],
-                       "VGE_DATABASE_URL": urls["database_url"], "VGE_REDIS_URL": urls["redis_url"],
-                       "VGE_CONTEXT_PUBLIC_KEYS": public, "VGE_HEALTH_PORT": str(port),
-                       "VGE_LOG_LEVEL": "WARNING", "VGE_LOG_FORMAT": "json"}
+                env = {**service_env(urls, public), "VGE_HEALTH_PORT": str(port), "VGE_LOG_FORMAT": "json"}
                 env.pop("VGE_PAYMENTS_CRASH_AFTER", None)
                 proc = subprocess.Popen([sys.executable, "-m", "services.payments"], cwd=ROOT, env=env)
                 procs.append(proc)
-                await wait_healthy(port, proc)
+                await wait_healthy([(port, proc)])
         print(f"payments: {args.replicas} replica(s), {'in-process' if args.in_process else 'subprocess'}; "
               f"{len(os.sched_getaffinity(0))} CPUs; ticket types: {args.ticket_types}")
 
@@ -287,9 +265,6 @@ async def run(args: argparse.Namespace) -> None:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if servers is not None:
-            servers.stop()
-            shutil.rmtree(data, ignore_errors=True)  # a run leaves gigabytes of server data behind
 
 
 def main() -> None:

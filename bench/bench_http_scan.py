@@ -47,8 +47,10 @@ import nats
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_scan import double_admissions, report, seed, wait_healthy  # noqa: E402
-from loadgen import at_fixed_rate, bench_servers, percentile, run, service_env, settle_heap  # noqa: E402
+from bench_scan import double_admissions, report, seed  # noqa: E402
+from loadgen import (  # noqa: E402
+    at_fixed_rate, bench_servers, percentile, run, service_env, settle_heap, wait_healthy,
+)
 
 from libs.context import generate_key_pair  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
@@ -321,7 +323,7 @@ async def main() -> None:
         clients: dict[int, httpx.AsyncClient] = {}
         nc = None
         try:
-            await wait_healthy([f"http://{HOST}:{p}/healthz" for p in scan_ports + gw_ports], timeout=60)
+            await wait_healthy(zip(scan_ports + gw_ports, scanning + gateways))
             nc = await nats.connect(urls["nats_url"])
             js = nc.jetstream()
             await ensure_streams(js)

@@ -53,7 +53,7 @@ from libs.servers import free_port  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from loadgen import (  # noqa: E402
     OnReply, PresignedContexts, ReplyInbox, bench_servers, percentile, run, send_at_fixed_rate, service_env,
-    settle_heap,
+    settle_heap, wait_healthy,
 )
 
 SCAN_SUBJECT = "vge.cmd.scanning.scan"
@@ -68,19 +68,6 @@ def report(name: str, latencies: list[float], elapsed: float, accepted: int, rej
         f"accepted {accepted}  rejected {rejected}  errors {errors}",
         flush=True,
     )
-
-
-async def wait_healthy(urls: list[str], timeout: float = 30.0) -> None:
-    """Wait until every ``/healthz`` URL answers 200."""
-    async with httpx.AsyncClient() as http:
-        for url in urls:
-            for _ in range(int(timeout / 0.1)):
-                try:
-                    if (await http.get(url)).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.1)
 
 
 async def service_sums(port: int) -> dict[str, float]:
@@ -328,7 +315,7 @@ async def main() -> None:
                     for p in ports]
         service = services[0]
         try:
-            await wait_healthy([f"http://127.0.0.1:{port}/healthz" for port in ports])
+            await wait_healthy(zip(ports, services))
             nc = await nats.connect(urls["nats_url"])
             js = nc.jetstream()
             await ensure_streams(js)
