@@ -49,22 +49,7 @@ async def test_killed_mid_saga_then_restarted_completes_and_the_money_reconciles
     assert await db.fetchval("SELECT count(*) FROM fake_processor_charges "
                              "WHERE organization_id = $1", org) == 1
 
-    # restart without the crash switch: startup resumes the saga before serving commands
-    await service_process("payments", **SWEEP).healthy()
-    view = await call("get_checkout", {"checkout_id": checkout["checkout_id"]})
-    assert view["status"] == "completed" and len(view["tickets"]) == 2
-
-    # the client's retry gets the tickets, and nothing is charged again
-    retried = await call("complete_checkout", complete)
-    assert retried["status"] == "completed"
-    assert sorted(t["ticket_code"] for t in retried["tickets"]) == sorted(
-        t["ticket_code"] for t in view["tickets"])
-
-    await _charged_once_and_booked_once(db, call, org)
-    assert await db.fetchval("SELECT reserved FROM ticket_types WHERE event_id = $1",
-                             uuid.UUID(event["event_id"])) == 2
-    assert await db.fetchval("SELECT count(*) FROM holds WHERE checkout_id = $1 "
-                             "AND state = 'consumed'", checkout_id) == 1
+    await _restart_completes_once(service_process, call, db, org, event, checkout, complete)
 
 
 async def test_killed_after_the_charge_before_anything_was_recorded_the_restart_completes_once(
@@ -101,24 +86,30 @@ async def test_killed_after_the_charge_before_anything_was_recorded_the_restart_
         assert await db.fetchval("SELECT count(*) FROM tickets WHERE checkout_id = $1", checkout_id) == 0
         assert await db.fetchval("SELECT count(*) FROM journal_entries WHERE organization_id = $1", org) == 0
 
-        await service_process("payments", **SWEEP).healthy()
-        view = await call("get_checkout", {"checkout_id": checkout["checkout_id"]})
-        assert view["status"] == "completed" and len(view["tickets"]) == 2
-        retried = await call("complete_checkout", complete)
-        assert retried["status"] == "completed"
-        assert sorted(t["ticket_code"] for t in retried["tickets"]) == sorted(
-            t["ticket_code"] for t in view["tickets"])
-
-        await _charged_once_and_booked_once(db, call, org)
+        await _restart_completes_once(service_process, call, db, org, event, checkout, complete)
         assert await db.fetchval("SELECT charge_id FROM checkouts WHERE id = $1", checkout_id) is not None
-        assert await db.fetchval("SELECT reserved FROM ticket_types WHERE event_id = $1",
-                                 uuid.UUID(event["event_id"])) == 2
-        assert await db.fetchval("SELECT count(*) FROM holds WHERE checkout_id = $1 "
-                                 "AND state = 'consumed'", checkout_id) == 1
         assert await db.fetchval("SELECT count(*) FROM outbox WHERE organization_id = $1 "
                                  "AND subject LIKE '%ticket.issued'", org) == 2
     finally:
         await fake.close()
+
+
+async def _restart_completes_once(service_process, call, db, org, event, checkout, complete) -> None:
+    """Restarted without the crash switch, payments resumes the saga before it serves commands:
+    the checkout is completed, the client's retry gets the same tickets, and the sale is charged
+    and booked once, its two tickets reserved and its hold consumed."""
+    await service_process("payments", **SWEEP).healthy()
+    view = await call("get_checkout", {"checkout_id": checkout["checkout_id"]})
+    assert view["status"] == "completed" and len(view["tickets"]) == 2
+    retried = await call("complete_checkout", complete)
+    assert retried["status"] == "completed"
+    assert sorted(t["ticket_code"] for t in retried["tickets"]) == sorted(
+        t["ticket_code"] for t in view["tickets"])
+    await _charged_once_and_booked_once(db, call, org)
+    assert await db.fetchval("SELECT reserved FROM ticket_types WHERE event_id = $1",
+                             uuid.UUID(event["event_id"])) == 2
+    assert await db.fetchval("SELECT count(*) FROM holds WHERE checkout_id = $1 "
+                             "AND state = 'consumed'", uuid.UUID(checkout["checkout_id"])) == 1
 
 
 async def _charged_once_and_booked_once(db, call, org) -> None:
