@@ -504,3 +504,84 @@ def test_a_relay_whose_loop_has_closed_is_forgotten_not_raised(schema):
         assert libs.outbox._relays[schema] == set()
     finally:
         libs.outbox._relays.pop(schema, None)
+
+
+async def _outbox_of_published_and_old(admin_dsn: str, schema: str, org: uuid.UUID, *, rows: int,
+                                       published: int, old: list[int]) -> list[int]:
+    """``rows`` outbox rows (their ids, in order): the first ``published`` behind the relay's
+    position, those at the positions ``old`` written 25 hours ago (past the 24 h retention)."""
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        ids = [r["id"] for r in await conn.fetch(
+            f"INSERT INTO {schema}.outbox (event_id, organization_id, subject, payload) "
+            "SELECT gen_random_uuid(), $1::uuid, 'vge.evt.' || $1::uuid || '.sample.created', '\\x00' "
+            "FROM generate_series(1, $2) RETURNING id", org, rows)]
+        ids.sort()
+        await conn.execute(f"UPDATE {schema}.outbox SET created_at = now() - interval '25 hours' "
+                           "WHERE id = ANY($1::bigint[])", [ids[i] for i in old])
+        await conn.execute(f"UPDATE {schema}.outbox_relay r SET txid = o.txid, id = o.id "
+                           f"FROM {schema}.outbox o WHERE o.id = $1", ids[published - 1])
+    finally:
+        await conn.close()
+    return ids
+
+
+async def test_a_purge_deletes_the_published_rows_past_the_retention_and_nothing_else(
+        pool, schema, nc, admin_dsn):
+    org = uuid.uuid4()
+    # 1-10 published and old: purged. 11-15 published, young; 16-20 old, not published yet;
+    # 21-25 neither: all kept
+    ids = await _outbox_of_published_and_old(admin_dsn, schema, org, rows=25, published=15,
+                                             old=[*range(10), *range(15, 20)])
+    relay = OutboxRelay(pool, nc, schema)
+    assert await relay.purge_published(chunk=3, pause=0) == 10  # four transactions: 3, 3, 3, 1
+    async with pool.acquire() as conn:
+        assert [r["id"] for r in await conn.fetch("SELECT id FROM outbox ORDER BY id")] == ids[10:]
+    assert await relay.purge_published(chunk=3, pause=0) == 0
+
+
+async def test_a_purge_skips_a_locked_row_instead_of_waiting_for_it(pool, schema, nc, admin_dsn):
+    # a replica's purge under way (or anything else) holds a row lock: this purge goes on
+    # without it (a purge that waited would also hold back every relay: its transaction's id
+    # is older than every row written meanwhile)
+    org = uuid.uuid4()
+    ids = await _outbox_of_published_and_old(admin_dsn, schema, org, rows=5, published=5, old=list(range(5)))
+    locker = await asyncpg.connect(admin_dsn)
+    try:
+        async with locker.transaction():
+            await locker.execute(f"SELECT 1 FROM {schema}.outbox WHERE id = $1 FOR UPDATE", ids[1])
+            relay = OutboxRelay(pool, nc, schema)
+            assert await asyncio.wait_for(relay.purge_published(chunk=2, pause=0), 5.0) == 4
+        async with pool.acquire() as conn:
+            assert [r["id"] for r in await conn.fetch("SELECT id FROM outbox ORDER BY id")] == [ids[1]]
+        assert await relay.purge_published(pause=0) == 1  # the lock is gone: the next purge has it
+    finally:
+        await locker.close()
+
+
+async def test_a_purge_never_holds_up_publishing(pool, schema, nc):
+    # a purge that takes as long as it takes (here: forever) runs beside the relay's passes
+    js = nc.jetstream()
+    await ensure_streams(js)
+    org = uuid.uuid4()
+    purging = asyncio.Event()
+
+    async def purge_forever(**_: object) -> int:
+        purging.set()
+        await asyncio.Event().wait()
+        return 0
+
+    relay = OutboxRelay(pool, nc, schema, poll_interval=0.1)
+    relay.purge_published = purge_forever  # type: ignore[method-assign]
+    relay.start()  # it purges at once, then every purge_interval
+    try:
+        await asyncio.wait_for(purging.wait(), 5.0)
+        async with tenant_transaction(pool, org) as conn:
+            await add_events(conn, schema, [_event(org, 1)])
+
+        async def published():
+            return len(await _stream_messages(js, f"vge.evt.{org}.>")) == 1
+
+        await _wait_for(published, timeout=10.0)
+    finally:
+        await relay.stop()
