@@ -302,9 +302,11 @@ class OutboxRelay:
                     "WITH gone AS (DELETE FROM outbox WHERE id = ANY (ARRAY("
                     " SELECT o.id FROM outbox_relay r, outbox o"
                     " WHERE o.id > $1 AND o.id < $2 AND (o.txid, o.id) <= (r.txid, r.id)"
+                    # (a row committed since the bound was read may be younger)
+                    "  AND o.created_at < now() - make_interval(hours => $4)"
                     " ORDER BY o.id LIMIT $3 FOR UPDATE OF o SKIP LOCKED)) RETURNING id) "
                     "SELECT count(*), max(id) FROM gone",
-                    after, bound, chunk,
+                    after, bound, chunk, self._retention_hours,
                 )
             purged += n
             if n < chunk:
