@@ -158,16 +158,26 @@ class ServiceProcess:
 
     def __init__(self, service: str, env: dict[str, str], log: Path) -> None:
         self.service = service
-        self.port = free_port()
         self.log = log
+        self._env = env
+        self._port_picked = "VGE_HEALTH_PORT" not in env
+        self._spawn()
+
+    def _spawn(self) -> None:
+        # a port picked here can be taken before the child binds it (the picking socket is
+        # closed by then): ``healthy`` starts the service again on another one
+        self.port = free_port() if self._port_picked else int(self._env["VGE_HEALTH_PORT"])
         inherited = {k: v for k, v in os.environ.items() if k != "VGE_PAYMENTS_CRASH_AFTER"}
-        with log.open("ab") as out:
+        with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{service}"], cwd=ROOT,
+                [sys.executable, "-m", f"services.{self.service}"], cwd=ROOT,
                 env={**inherited, "VGE_ENVIRONMENT": "test", "VGE_LOG_FORMAT": "json",
-                     "VGE_HEALTH_PORT": str(self.port), **env},
+                     "VGE_HEALTH_PORT": str(self.port), **self._env},
                 stdout=out, stderr=subprocess.STDOUT,
             )
+
+    def _lost_its_port(self) -> bool:
+        return self._port_picked and f"{self.port}): address already in use" in self.log_tail()
 
     def log_text(self) -> str:
         """The service's log so far."""
@@ -179,12 +189,18 @@ class ServiceProcess:
 
     async def healthy(self, timeout: float = 30.0, *, every: float = 0.1) -> None:
         """Wait for the first 200 from ``/healthz``, asking every ``every`` seconds; fails at
-        once, with the log, if the process exits."""
+        once, with the log, if the process exits (unless its port was taken: then again, on
+        another one)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         async with httpx.AsyncClient() as http:
+            respawns = 0
             while loop.time() < deadline:
                 if self.proc.poll() is not None:
+                    if self._lost_its_port() and respawns < 3:
+                        respawns += 1
+                        self._spawn()
+                        continue
                     raise AssertionError(f"{self.service} exited ({self.proc.returncode}):\n{self.log_tail()}")
                 try:
                     if (await http.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)).status_code == 200:
