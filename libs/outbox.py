@@ -291,8 +291,9 @@ class OutboxRelay:
             # rows are written): the first young row bounds the purge. Reading up to it reads
             # the old rows once, by the primary key, never the whole outbox.
             bound = await conn.fetchval(
-                "SELECT coalesce((SELECT id FROM outbox WHERE created_at >= now() - make_interval(hours => $1) "
-                "ORDER BY id LIMIT 1), (SELECT max(id) + 1 FROM outbox))",
+                "SELECT coalesce((SELECT id FROM outbox"
+                " WHERE created_at >= now() - make_interval(hours => $1) ORDER BY id LIMIT 1),"
+                " (SELECT max(id) + 1 FROM outbox))",
                 self._retention_hours,
             )
         purged, after = 0, 0

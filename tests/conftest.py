@@ -201,9 +201,11 @@ class ServiceProcess:
                         respawns += 1
                         self._spawn()
                         continue
-                    raise AssertionError(f"{self.service} exited ({self.proc.returncode}):\n{self.log_tail()}")
+                    raise AssertionError(
+                        f"{self.service} exited ({self.proc.returncode}):\n{self.log_tail()}")
                 try:
-                    if (await http.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)).status_code == 200:
+                    answer = await http.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
+                    if answer.status_code == 200:
                         return
                 except httpx.HTTPError:
                     await asyncio.sleep(max(every, 0.01))  # not listening yet
