@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +39,17 @@ STACK_FILE = "stack.json"
 NATS_PASSWORDS_FILE = "nats-passwords.json"
 
 
+def _port_taken(port: int) -> bool:
+    """True if another socket holds ``port`` on 127.0.0.1 (bound as uvicorn binds it)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 def _die_with_parent() -> None:
     # Linux: SIGTERM the service if the launcher itself is killed, so nothing is orphaned.
     try:
@@ -58,6 +70,7 @@ class Stack:
     ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _servers: Any = None
+    _env: dict[str, str] = field(default_factory=dict)
     _keys: tuple[str, str] | None = None
     _nats_passwords: dict[str, str] | None = None
 
@@ -74,22 +87,27 @@ class Stack:
         )
         log.info("servers_ready", **self.urls)
         self._keys = self._context_keys()
-        env = self._child_env()
+        self._env = self._child_env()
         for name in SERVICES:
-            port = self.settings.gateway_port if name == "gateway" else free_port()
-            self.ports[name] = port
-            child_env = {**env, "VGE_HEALTH_PORT": str(port)}
-            if self._nats_passwords is not None:
-                child_env.update(VGE_NATS_USER=name, VGE_NATS_PASSWORD=self._nats_passwords[name])
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{name}"],
-                env=child_env,
-                # own session: Ctrl-C reaches only the launcher, which stops things in order
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
+            self._spawn(name)
         self._wait_healthy(ready_timeout)
         self._write_stack_file()
+
+    def _spawn(self, name: str) -> None:
+        # a health port picked here can be taken before the service binds it (the picking
+        # socket is closed by then): ``_wait_healthy`` starts it again on another one
+        port = self.settings.gateway_port if name == "gateway" else free_port()
+        self.ports[name] = port
+        child_env = {**self._env, "VGE_HEALTH_PORT": str(port)}
+        if self._nats_passwords is not None:
+            child_env.update(VGE_NATS_USER=name, VGE_NATS_PASSWORD=self._nats_passwords[name])
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", f"services.{name}"],
+            env=child_env,
+            # own session: Ctrl-C reaches only the launcher, which stops things in order
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
 
     def _context_keys(self) -> tuple[str, str]:
         s = self.settings
@@ -144,10 +162,16 @@ class Stack:
     def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         pending = set(SERVICES)
+        respawns = dict.fromkeys(SERVICES, 0)
         while pending:
             for name in sorted(pending):
                 proc = self.processes[name]
                 if proc.poll() is not None:
+                    if name != "gateway" and respawns[name] < 3 and _port_taken(self.ports[name]):
+                        respawns[name] += 1
+                        log.info("service_port_taken", service=name, port=self.ports[name])
+                        self._spawn(name)
+                        continue
                     raise RuntimeError(f"{name} exited with {proc.returncode} while starting")
                 try:
                     if httpx.get(self.health_url(name), timeout=0.5).status_code == 200:
