@@ -131,11 +131,10 @@ async def fixed_rate(bench: Bench, rate: float, duration: float) -> dict:
     total = int(rate * duration)
     began = time.perf_counter()
 
-    async def one(i: int) -> None:
-        scheduled = began + i / rate
+    async def one(i: int, due: float) -> None:
         try:
             await bench.checkout()
-            latencies.append(time.perf_counter() - scheduled)  # from when it should have started
+            latencies.append(time.perf_counter() - due)  # from when it should have started
         except (DomainError, RuntimeError) as exc:
             errors[type(exc).__name__ + ": " + str(exc)[:60]] += 1
 

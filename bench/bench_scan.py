@@ -336,7 +336,7 @@ async def main() -> None:
             issuer = presigned if args.presign else signer
             run_id, sent, event_id_str = uuid.uuid4().hex, itertools.count(), str(event_id)
 
-            async def send_scan(dev: Actor, on_reply: OnReply) -> None:
+            async def send_scan(dev: Actor, on_reply: OnReply, due: float | None = None) -> None:
                 if seen and random.random() < args.duplicates:
                     code = random.choice(seen)
                 else:
@@ -351,7 +351,7 @@ async def main() -> None:
                 _, context = issuer.issue(actor=dev, org_id=org, subject=SCAN_SUBJECT,
                                           correlation_id=correlation_id, ttl_seconds=600.0)
                 headers = {CONTEXT_HEADER: context, CORRELATION_HEADER: correlation_id}
-                await requests.send(SCAN_SUBJECT, body, headers, on_reply)
+                await requests.send(SCAN_SUBJECT, body, headers, on_reply, due=due)
 
             def tallying(latencies: list[float], tally: dict[str, int]) -> OnReply:
                 async def on_reply(msg: Msg | None, latency: float) -> None:
@@ -403,8 +403,9 @@ async def main() -> None:
             settle_heap()
             cpu = cpu_by_program()
             t0 = time.perf_counter()
+            # (latency from when each scan was due, as an open loop counts it)
             late = await send_at_fixed_rate(args.rate, total,
-                                            lambda i: send_scan(devices[i % len(devices)], record2))
+                                            lambda i, due: send_scan(devices[i % len(devices)], record2, due))
             await requests.drained()
             report(f"fixed {args.rate:,.0f}/s", lat2, time.perf_counter() - t0, **tally2)
             print(f"load generator: {late} of {total} scans sent more than 5 ms late", flush=True)

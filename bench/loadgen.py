@@ -99,27 +99,30 @@ def run(main: Coroutine[Any, Any, Any]) -> Any:
     return uvloop.run(main)
 
 
-async def send_at_fixed_rate(rate: float, total: int, send: Callable[[int], Awaitable[None]]) -> int:
-    """Call ``send(0)`` ... ``send(total - 1)`` at ``rate`` per second from now, each awaited in
-    turn: for a ``send`` that only sends (``ReplyInbox.send``); ``at_fixed_rate`` is for one
-    that waits for its reply. Returns how many were sent more than 5 ms late (the load
-    generator could not keep up)."""
+async def send_at_fixed_rate(rate: float, total: int, send: Callable[[int, float], Awaitable[None]]) -> int:
+    """Call ``send(i, due)`` for i = 0 ... ``total - 1`` at ``rate`` per second from now, each
+    awaited in turn: for a ``send`` that only sends (``ReplyInbox.send``); ``at_fixed_rate`` is
+    for one that waits for its reply. ``due`` is when request i should go (``perf_counter``):
+    an open loop counts latency from there, so a load generator running late cannot hide the
+    wait in its own queue. Returns how many were sent more than 5 ms late."""
     late = 0
     t0 = time.perf_counter()
     for i in range(total):
-        delay = t0 + i / rate - time.perf_counter()
+        due = t0 + i / rate
+        delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         elif delay < -0.005:
             late += 1
-        await send(i)
+        await send(i, due)
     return late
 
 
-async def at_fixed_rate(rate: float, total: int, send: Callable[[int], Coroutine[Any, Any, None]]) -> int:
-    """Start ``send(0)`` ... ``send(total - 1)`` at ``rate`` per second from now, each on its
-    own task (open loop: a slow reply never delays the next request), and wait for the last
-    one. Returns how many started more than 5 ms late.
+async def at_fixed_rate(rate: float, total: int,
+                        send: Callable[[int, float], Coroutine[Any, Any, None]]) -> int:
+    """Start ``send(i, due)`` for i = 0 ... ``total - 1`` at ``rate`` per second from now, each
+    on its own task (open loop: a slow reply never delays the next request), and wait for the
+    last one. ``due`` as in ``send_at_fixed_rate``. Returns how many started more than 5 ms late.
 
     Only the requests still in flight are awaited at the end: a gather over every task of the
     phase (10,000+) put a done-callback per task on the loop in one go, ~20 ms during which the
@@ -132,8 +135,8 @@ async def at_fixed_rate(rate: float, total: int, send: Callable[[int], Coroutine
         if not task.cancelled() and task.exception() is not None:
             failures.append(task.exception())  # type: ignore[arg-type]
 
-    async def start(i: int) -> None:
-        task = asyncio.create_task(send(i))
+    async def start(i: int, due: float) -> None:
+        task = asyncio.create_task(send(i, due))
         in_flight.add(task)
         task.add_done_callback(done)
 
@@ -183,11 +186,13 @@ class ReplyInbox:
         if self._sub is not None:
             await self._sub.unsubscribe()
 
-    async def send(self, subject: str, payload: bytes, headers: dict[str, str], on_reply: OnReply) -> None:
-        """Send one request; ``on_reply`` is awaited with its reply (or ``None``) and latency."""
+    async def send(self, subject: str, payload: bytes, headers: dict[str, str], on_reply: OnReply,
+                   *, due: float | None = None) -> None:
+        """Send one request; ``on_reply`` is awaited with its reply (or ``None``) and its latency,
+        counted from ``due`` (``perf_counter``; default: now)."""
         self._sent += 1
         reply = f"{self._prefix}{self._sent}"
-        self._waiting[reply] = (time.perf_counter(), on_reply)
+        self._waiting[reply] = (time.perf_counter() if due is None else due, on_reply)
         await self._nc.publish(subject, payload, reply=reply, headers=headers)
 
     async def drained(self) -> None:
