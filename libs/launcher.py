@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import httpx
 from libs.context import generate_key_pair
 from libs.log import get_logger
 from libs.nats_auth import generate_passwords
-from libs.servers import free_port, resolve_server_urls
+from libs.servers import free_port, port_taken, resolve_server_urls
 from libs.settings import Settings
 
 __all__ = ["Stack", "SERVICES", "STACK_FILE", "NATS_PASSWORDS_FILE"]
@@ -37,17 +36,6 @@ log = get_logger(__name__)
 SERVICES = ("scanning", "payments", "audit", "gateway")
 STACK_FILE = "stack.json"
 NATS_PASSWORDS_FILE = "nats-passwords.json"
-
-
-def _port_taken(port: int) -> bool:
-    """True if another socket holds ``port`` on 127.0.0.1 (bound as uvicorn binds it)."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
 
 
 def _die_with_parent() -> None:
@@ -167,7 +155,7 @@ class Stack:
             for name in sorted(pending):
                 proc = self.processes[name]
                 if proc.poll() is not None:
-                    if name != "gateway" and respawns[name] < 3 and _port_taken(self.ports[name]):
+                    if name != "gateway" and respawns[name] < 3 and port_taken(self.ports[name]):
                         respawns[name] += 1
                         log.info("service_port_taken", service=name, port=self.ports[name])
                         self._spawn(name)

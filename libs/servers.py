@@ -51,6 +51,7 @@ __all__ = [
     "RedisServer",
     "ServerError",
     "free_port",
+    "port_taken",
     "resolve_server_urls",
 ]
 
@@ -85,6 +86,18 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def port_taken(port: int, host: str = HOST) -> bool:
+    """True if another socket holds ``port`` on ``host`` (tried as a server binds it, with
+    SO_REUSEADDR): whether a process given a :func:`free_port` lost it to someone else."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from nats.aio.client import Client as NATS
 from libs.commands import CommandClient
 from libs.context import ContextSigner, generate_key_pair, load_private_key
 from libs.log import configure_logging
-from libs.servers import free_port, resolve_server_urls
+from libs.servers import free_port, port_taken, resolve_server_urls
 from libs.runtime import ServiceRuntime
 from libs.settings import Settings
 
@@ -177,7 +177,7 @@ class ServiceProcess:
             )
 
     def _lost_its_port(self) -> bool:
-        return self._port_picked and f"{self.port}): address already in use" in self.log_tail()
+        return self._port_picked and port_taken(self.port)
 
     def log_text(self) -> str:
         """The service's log so far."""
