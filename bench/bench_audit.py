@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -42,11 +41,11 @@ from libs.context import generate_key_pair  # noqa: E402
 from libs.db import create_pool, service_dsn  # noqa: E402
 from libs.envelope import Envelope  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
-from libs.servers import free_port  # noqa: E402
+from libs.service_process import ServiceProcess, all_healthy  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from libs.subjects import DEAD_LETTER_STREAM  # noqa: E402
 from libs.subjects import event as event_subject  # noqa: E402
-from loadgen import bench_servers, percentile, service_env, wait_healthy  # noqa: E402
+from loadgen import bench_servers, percentile, service_env  # noqa: E402
 
 LAG_METRIC = "vge_audit_record_lag_seconds"
 HISTOGRAMS = (LAG_METRIC, "vge_audit_ingest_seconds", "vge_audit_ingest_batch_size")
@@ -75,7 +74,7 @@ class AuditProcesses:
         self.urls, self.public_key = urls, public_key
         self.in_process, self.instances = in_process, instances
         self.log_dir = log_dir
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: list[ServiceProcess] = []
         self.ports: list[int] = []
         self.runtime: Any = None
 
@@ -93,17 +92,10 @@ class AuditProcesses:
             self.ports = [self.runtime.http_port]
             return
         env = {**service_env(self.urls, self.public_key), "VGE_LOG_FORMAT": "json"}
-        self.ports = [free_port() for _ in range(self.instances)]
-        for i, port in enumerate(self.ports):
-            with (self.log_dir / f"audit-{i}.log").open("ab") as log:
-                self.procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "services.audit"], env={**env, "VGE_HEALTH_PORT": str(port)},
-                    stdout=subprocess.DEVNULL, stderr=log,
-                ))
-        try:
-            await wait_healthy(zip(self.ports, self.procs))
-        except RuntimeError as exc:
-            raise RuntimeError(f"audit: {exc}; its log is in {self.log_dir}") from None
+        self.procs = [ServiceProcess("audit", env, log=self.log_dir / f"audit-{i}.log")
+                      for i in range(self.instances)]
+        await all_healthy(self.procs)  # (a failure's message ends with the log)
+        self.ports = [p.port for p in self.procs]  # (known now: a taken port is picked again)
 
     async def histograms(self) -> dict[str, dict[float, float]]:
         """Cumulative bucket counts of the audit histograms, summed over instances."""
@@ -137,10 +129,7 @@ class AuditProcesses:
         for proc in self.procs:
             proc.terminate()
         for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            proc.stop(20)
         self.procs.clear()
 
 

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -50,11 +49,10 @@ from libs.commands import CommandClient  # noqa: E402
 from libs.context import ContextSigner, generate_key_pair, load_private_key  # noqa: E402
 from libs.errors import DomainError  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
-from libs.servers import free_port  # noqa: E402
+from libs.service_process import ServiceProcess  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from loadgen import (  # noqa: E402
     PresignedContexts, at_fixed_rate, bench_servers, percentile, run as run_loop, service_env, settle_heap,
-    wait_healthy,
 )
 
 PRICE = 25_000
@@ -187,7 +185,7 @@ async def run(args: argparse.Namespace) -> None:
 async def run_against(args: argparse.Namespace, urls: dict[str, str]) -> None:
     """Start the payments service against ``urls``, run both phases and check the books."""
     private, public = generate_key_pair()
-    procs: list[subprocess.Popen] = []
+    procs: list[ServiceProcess] = []
     runtimes = []
     try:
         if args.in_process:
@@ -201,12 +199,11 @@ async def run_against(args: argparse.Namespace, urls: dict[str, str]) -> None:
                 runtimes.append(runtime)
         else:
             for _ in range(args.replicas):
-                port = free_port()
-                env = {**service_env(urls, public), "VGE_HEALTH_PORT": str(port), "VGE_LOG_FORMAT": "json"}
+                env = {**service_env(urls, public), "VGE_LOG_FORMAT": "json"}
                 env.pop("VGE_PAYMENTS_CRASH_AFTER", None)
-                proc = subprocess.Popen([sys.executable, "-m", "services.payments"], cwd=ROOT, env=env)
+                proc = ServiceProcess("payments", env, cwd=ROOT)
                 procs.append(proc)
-                await wait_healthy([(port, proc)])
+                await proc.healthy(60)
         print(f"payments: {args.replicas} replica(s), {'in-process' if args.in_process else 'subprocess'}; "
               f"{len(os.sched_getaffinity(0))} CPUs; ticket types: {args.ticket_types}")
 
@@ -260,10 +257,7 @@ async def run_against(args: argparse.Namespace, urls: dict[str, str]) -> None:
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            proc.stop(15)
 
 
 def main() -> None:

@@ -49,13 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_scan import double_admissions, report, seed  # noqa: E402
 from loadgen import (  # noqa: E402
-    at_fixed_rate, bench_servers, percentile, run, service_env, settle_heap, wait_healthy,
+    at_fixed_rate, bench_servers, percentile, run, service_env, settle_heap,
 )
 
 from libs.context import generate_key_pair  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
-from libs.servers import free_port  # noqa: E402
+from libs.service_process import ServiceProcess, all_healthy  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from services.gateway.cli import create_tenant  # noqa: E402
 
@@ -303,9 +303,6 @@ async def main() -> None:
     with bench_servers("http", Settings(), fsync=args.fsync) as (urls, data):
         private, public = generate_key_pair()
         env = service_env(urls, public)
-        scan_ports = [free_port() for _ in range(args.replicas)]
-        gw_ports = [free_port() for _ in range(args.gateways)]
-
         def service(name: str) -> list[str]:
             if not args.uvloop:
                 return [sys.executable, "-m", name]
@@ -313,17 +310,18 @@ async def main() -> None:
                     "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
                     f"runpy.run_module({name!r}, run_name='__main__', alter_sys=True)"]
 
-        scanning = [subprocess.Popen(service("services.scanning"), env={**env, "VGE_HEALTH_PORT": str(p)})
-                    for p in scan_ports]
-        gateways = [subprocess.Popen(service("services.gateway"),
-                                     env={**env, "VGE_GATEWAY_PORT": str(p),
-                                          "VGE_CONTEXT_PRIVATE_KEY": private})
-                    for p in gw_ports]
+        scanning = [ServiceProcess("scanning", env, command=service("services.scanning"))
+                    for _ in range(args.replicas)]
+        gateways = [ServiceProcess("gateway", {**env, "VGE_CONTEXT_PRIVATE_KEY": private},
+                                   port_setting="VGE_GATEWAY_PORT", command=service("services.gateway"))
+                    for _ in range(args.gateways)]
         devices: list[Any] = []
         clients: dict[int, httpx.AsyncClient] = {}
         nc = None
         try:
-            await wait_healthy(zip(scan_ports + gw_ports, scanning + gateways))
+            await all_healthy(scanning + gateways)
+            # (known now: a port taken before its service bound it was picked again)
+            scan_ports, gw_ports = [p.port for p in scanning], [p.port for p in gateways]
             nc = await nats.connect(urls["nats_url"])
             js = nc.jetstream()
             await ensure_streams(js)
@@ -502,7 +500,7 @@ async def main() -> None:
             for proc in gateways + scanning:
                 proc.terminate()
             for proc in gateways + scanning:
-                proc.wait(20)
+                proc.stop(20)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -49,11 +48,11 @@ from libs.context import CONTEXT_HEADER, ContextSigner, generate_key_pair, load_
 from libs.contracts.catalog import EventCreated, TicketIssued, TicketTypeInfo  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
-from libs.servers import free_port  # noqa: E402
+from libs.service_process import ServiceProcess, all_healthy  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from loadgen import (  # noqa: E402
     OnReply, PresignedContexts, ReplyInbox, bench_servers, percentile, run, send_at_fixed_rate, service_env,
-    settle_heap, wait_healthy,
+    settle_heap,
 )
 
 SCAN_SUBJECT = "vge.cmd.scanning.scan"
@@ -309,13 +308,10 @@ async def main() -> None:
     with bench_servers("scan", Settings(), fsync=args.fsync) as (urls, data):
         private, public = generate_key_pair()
         env = service_env(urls, public)
-        ports = [free_port() for _ in range(args.replicas)]
-        services = [subprocess.Popen([sys.executable, "-m", "services.scanning"],
-                                     env={**env, "VGE_HEALTH_PORT": str(p)})
-                    for p in ports]
-        service = services[0]
+        services = [ServiceProcess("scanning", env) for _ in range(args.replicas)]
         try:
-            await wait_healthy(zip(ports, services))
+            await all_healthy(services)
+            service = services[0]
             nc = await nats.connect(urls["nats_url"])
             js = nc.jetstream()
             await ensure_streams(js)
@@ -391,7 +387,7 @@ async def main() -> None:
             await requests.drained()
             report(f"flat out, {args.devices} devices", lat, time.perf_counter() - t0, **tally)
             print(cpu_report(cpu, time.perf_counter() - t0, sum(tally.values())), flush=True)
-            print(await service_figures(ports[0]), flush=True)
+            print(await service_figures(service.port), flush=True)
 
             # phase 2: fixed rate, open loop
             await settle(urls["database_url"])
@@ -399,7 +395,7 @@ async def main() -> None:
             tally2 = {"accepted": 0, "rejected": 0, "errors": 0}
             record2 = tallying(lat2, tally2)
             total = int(args.rate * args.rate_seconds)
-            before = await service_sums(ports[0])
+            before = await service_sums(service.port)
             settle_heap()
             cpu = cpu_by_program()
             t0 = time.perf_counter()
@@ -410,7 +406,7 @@ async def main() -> None:
             report(f"fixed {args.rate:,.0f}/s", lat2, time.perf_counter() - t0, **tally2)
             print(f"load generator: {late} of {total} scans sent more than 5 ms late", flush=True)
             print(cpu_report(cpu, time.perf_counter() - t0, sum(tally2.values())), flush=True)
-            print(await service_figures(ports[0], before), flush=True)
+            print(await service_figures(service.port, before), flush=True)
             await requests.stop()
 
             # phase 3: one offline batch
@@ -438,7 +434,7 @@ async def main() -> None:
             for proc in services:
                 proc.terminate()
             for proc in services:
-                proc.wait(20)
+                proc.stop(20)
 
 
 if __name__ == "__main__":

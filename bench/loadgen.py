@@ -1,4 +1,4 @@
-"""What the load generators share: the servers, the services' environment and health, contexts
+"""What the load generators share: the servers, the services' environment, contexts
 signed before the clock starts, a garbage collector kept out of the measurement, a cheaper event
 loop, and requests without a future each.
 
@@ -13,15 +13,13 @@ import gc
 import math
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvloop
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -33,7 +31,7 @@ from libs.settings import Settings
 
 __all__ = [
     "OnReply", "PresignedContexts", "ReplyInbox", "at_fixed_rate", "bench_servers", "percentile", "run",
-    "send_at_fixed_rate", "service_env", "settle_heap", "wait_healthy",
+    "send_at_fixed_rate", "service_env", "settle_heap",
 ]
 
 
@@ -61,26 +59,6 @@ def service_env(urls: dict[str, str], public_key: str) -> dict[str, str]:
     return {**os.environ, "VGE_NATS_URL": urls["nats_url"], "VGE_DATABASE_URL": urls["database_url"],
             "VGE_REDIS_URL": urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": public_key,
             "VGE_LOG_LEVEL": "WARNING"}
-
-
-async def wait_healthy(services: Iterable[tuple[int, subprocess.Popen[Any] | None]],
-                       timeout: float = 60.0) -> None:
-    """Wait until each service's ``/healthz`` (its port on 127.0.0.1) answers 200. Raises
-    ``RuntimeError`` when one's process (``None``: in this process) has ended or the time is up."""
-    deadline = time.monotonic() + timeout
-    async with httpx.AsyncClient() as http:
-        for port, proc in services:
-            while True:
-                if proc is not None and proc.poll() is not None:
-                    raise RuntimeError(f"the service on port {port} exited with {proc.returncode}")
-                try:
-                    if (await http.get(f"http://127.0.0.1:{port}/healthz", timeout=1)).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the service on port {port} was not healthy within {timeout:g} s")
-                await asyncio.sleep(0.1)
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -11,22 +11,20 @@ as it is: the services then log in with ``VGE_NATS_USER``/``VGE_NATS_PASSWORD`` 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from libs.context import generate_key_pair
 from libs.log import get_logger
 from libs.nats_auth import generate_passwords
-from libs.servers import free_port, port_taken, resolve_server_urls
+from libs.servers import resolve_server_urls
+from libs.service_process import ServiceProcess, all_healthy
 from libs.settings import Settings
 
 __all__ = ["Stack", "SERVICES", "STACK_FILE", "NATS_PASSWORDS_FILE"]
@@ -55,8 +53,7 @@ class Stack:
     settings: Settings
     data_dir: Path
     urls: dict[str, str] = field(default_factory=dict)
-    ports: dict[str, int] = field(default_factory=dict)
-    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    processes: dict[str, ServiceProcess] = field(default_factory=dict)
     _servers: Any = None
     _env: dict[str, str] = field(default_factory=dict)
     _keys: tuple[str, str] | None = None
@@ -82,20 +79,22 @@ class Stack:
         self._write_stack_file()
 
     def _spawn(self, name: str) -> None:
-        # a health port picked here can be taken before the service binds it (the picking
-        # socket is closed by then): ``_wait_healthy`` starts it again on another one
-        port = self.settings.gateway_port if name == "gateway" else free_port()
-        self.ports[name] = port
-        child_env = {**self._env, "VGE_HEALTH_PORT": str(port)}
+        # the gateway's port is the configured one; the others' are picked (and picked again if
+        # one is taken before its service binds it, see ``ServiceProcess``)
+        child_env = dict(self._env)
         if self._nats_passwords is not None:
             child_env.update(VGE_NATS_USER=name, VGE_NATS_PASSWORD=self._nats_passwords[name])
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
-            env=child_env,
+        self.processes[name] = ServiceProcess(
+            name, child_env, port=self.settings.gateway_port if name == "gateway" else None,
             # own session: Ctrl-C reaches only the launcher, which stops things in order
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Each service's health port."""
+        return {name: p.port for name, p in self.processes.items()}
 
     def _context_keys(self) -> tuple[str, str]:
         s = self.settings
@@ -145,32 +144,10 @@ class Stack:
 
     def health_url(self, name: str) -> str:
         """Where a service answers ``/healthz``."""
-        return f"http://127.0.0.1:{self.ports[name]}/healthz"
+        return self.processes[name].health_url
 
     def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        pending = set(SERVICES)
-        respawns = dict.fromkeys(SERVICES, 0)
-        while pending:
-            for name in sorted(pending):
-                proc = self.processes[name]
-                if proc.poll() is not None:
-                    if name != "gateway" and respawns[name] < 3 and port_taken(self.ports[name]):
-                        respawns[name] += 1
-                        log.info("service_port_taken", service=name, port=self.ports[name])
-                        self._spawn(name)
-                        continue
-                    raise RuntimeError(f"{name} exited with {proc.returncode} while starting")
-                try:
-                    if httpx.get(self.health_url(name), timeout=0.5).status_code == 200:
-                        pending.discard(name)
-                        log.info("service_healthy", service=name, health=self.health_url(name))
-                except httpx.HTTPError:
-                    pass
-            if pending and time.monotonic() > deadline:
-                raise TimeoutError(f"not healthy after {timeout:.0f}s: {', '.join(sorted(pending))}")
-            if pending:
-                time.sleep(0.2)
+        asyncio.run(all_healthy(list(self.processes.values()), timeout))
 
     def _write_stack_file(self) -> None:
         stack = {
@@ -191,23 +168,17 @@ class Stack:
     def failed_service(self) -> str | None:
         """The first service that exited on its own, if any."""
         for name, proc in self.processes.items():
-            if proc.poll() is not None:
+            if proc.returncode is not None:
                 return name
         return None
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every service, SIGKILL the ones still running after ``grace``; then servers."""
         for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+            proc.terminate()
         deadline = time.monotonic() + grace
-        for name, proc in self.processes.items():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("service_killed", service=name)
-                proc.kill()
-                proc.wait()
+        for proc in self.processes.values():
+            proc.stop(max(0.1, deadline - time.monotonic()))
         (self.data_dir / STACK_FILE).unlink(missing_ok=True)
         if self._servers is not None:
             self._servers.stop()

