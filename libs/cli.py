@@ -5,8 +5,9 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -130,6 +131,111 @@ def tenant_create(
     result = subprocess.run([sys.executable, "-m", "services.gateway.cli", "tenant-create", name],
                             env=env)  # fmt: skip
     raise typer.Exit(result.returncode)
+
+
+dlq = typer.Typer(help="Dead letters: events a consumer gave up on.", no_args_is_help=True)
+app.add_typer(dlq, name="dlq")
+
+_DataDir = Annotated[Path | None, typer.Option(help="Data folder of a running `vge up`.")]
+_Consumer = Annotated[str | None, typer.Option(help="Only this consumer's (its durable name).")]
+
+
+def _with_jetstream(data_dir: Path | None, work: Callable[[Any], Awaitable[None]]) -> None:
+    """Run ``work(js)`` on the NATS of ``VGE_NATS_URL`` or of the running ``vge up``."""
+    import asyncio
+
+    import nats
+
+    from libs.nats_auth import connect_options
+
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format, service="vge")  # (to stderr)
+    env = _stack_env(data_dir or settings.data_dir)
+    if not env.get("VGE_NATS_URL"):
+        typer.echo("no NATS: set VGE_NATS_URL, or start the platform with `vge up`", err=True)
+        raise typer.Exit(2)
+
+    async def run() -> None:
+        nc = await nats.connect(env["VGE_NATS_URL"], connect_timeout=5, max_reconnect_attempts=0,
+                                **connect_options(env.get("VGE_NATS_USER"), env.get("VGE_NATS_PASSWORD")))
+        try:
+            await work(nc.jetstream())
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+
+
+def _print_json(row: dict[str, Any]) -> None:
+    import json
+
+    typer.echo(json.dumps(row))
+
+
+@dlq.command("list")
+def dlq_list(
+    consumer: _Consumer = None,
+    limit: Annotated[int, typer.Option(help="At most this many, oldest first.")] = 100,
+    data_dir: _DataDir = None,
+) -> None:
+    """Print the dead letters, one JSON object per line: seq, consumer, why, and the event."""
+    from libs.dead_letters import dead_letters
+
+    async def work(js: Any) -> None:
+        shown = 0
+        async for letter in dead_letters(js, consumer):
+            if shown == limit:
+                typer.echo("(more: list again with a larger --limit)", err=True)
+                return
+            _print_json(letter.summary())
+            shown += 1
+
+    _with_jetstream(data_dir, work)
+
+
+@dlq.command("replay")
+def dlq_replay(
+    seqs: Annotated[list[int] | None, typer.Argument(help="Dead letters to replay (seq from `list`).")] = None,
+    consumer: Annotated[str | None, typer.Option(help="Replay all of this consumer's.")] = None,
+    data_dir: _DataDir = None,
+) -> None:
+    """Publish dead letters again on their original subjects (their cause fixed), and remove
+    them; every consumer of the subject gets the event again and skips it if applied already."""
+    from libs.dead_letters import NoSuchDeadLetter, dead_letters, replay
+
+    if not seqs and not consumer:
+        typer.echo("name the dead letters (their seq) or --consumer", err=True)
+        raise typer.Exit(2)
+
+    async def work(js: Any) -> None:
+        chosen = list(seqs or []) + ([d.seq async for d in dead_letters(js, consumer)] if consumer else [])
+        try:
+            for letter in await replay(js, chosen):
+                _print_json({"replayed": letter.seq, "subject": letter.subject, "consumer": letter.consumer})
+        except NoSuchDeadLetter as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(1) from None
+
+    _with_jetstream(data_dir, work)
+
+
+@dlq.command("discard")
+def dlq_discard(
+    seqs: Annotated[list[int], typer.Argument(help="Dead letters to delete for good.")],
+    data_dir: _DataDir = None,
+) -> None:
+    """Delete dead letters that can never be applied (a malformed message, say)."""
+    from libs.dead_letters import NoSuchDeadLetter, discard
+
+    async def work(js: Any) -> None:
+        try:
+            for letter in await discard(js, seqs):
+                _print_json({"discarded": letter.seq, "consumer": letter.consumer, "reason": letter.reason})
+        except NoSuchDeadLetter as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(1) from None
+
+    _with_jetstream(data_dir, work)
 
 
 def main() -> None:

@@ -47,6 +47,9 @@ __all__ = [
     "BatchEventHandler",
     "PullBatches",
     "DLQ_REASON_HEADER",
+    "DLQ_SUBJECT_HEADER",
+    "DLQ_CONSUMER_HEADER",
+    "DLQ_DELIVERIES_HEADER",
     "retry_delay",
 ]
 
