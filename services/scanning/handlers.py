@@ -29,6 +29,7 @@ from services.scanning.adapters.batching import DecisionBatcher
 from services.scanning.adapters.postgres import ScanningStore
 from services.scanning.adapters.redis_claims import AdmissionClaims
 from services.scanning.domain import Admission, AdmissionCache, duplicate_of, offline_apply_order
+from services.scanning.metrics import count_decisions
 
 __all__ = ["AccessControl", "REGISTRY_CONSUMER"]
 
@@ -107,6 +108,7 @@ class AccessControl:
             item.update(offline=True, device_result=s.device_result, i=i)
             items.append(item)
         decisions = await self.store.decide(org, utcnow(), items)
+        count_decisions(decisions, "offline")
         by_index = {d["i"]: d for d in decisions}
         # tier 1 at once, before the reply: an upload can move a ticket's first admission to an
         # earlier gate, and a gate scanning it next must not be told the old one (Redis follows
@@ -170,6 +172,7 @@ class AccessControl:
             if it["dir"] == "entry" and "pre" not in it:
                 self._mark_if_duplicate(it, self.cache.get(org, it["code"]))
         decisions = await self.store.decide(org, now, items)
+        count_decisions(decisions, "online")
         by_index = {d["i"]: d for d in decisions}
         self._remember([(org, it, by_index[it["i"]]) for it in items])
         return decisions
