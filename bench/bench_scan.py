@@ -69,6 +69,23 @@ def report(name: str, latencies: list[float], elapsed: float, accepted: int, rej
     )
 
 
+def verdict(args: argparse.Namespace, flat_out: float, p99_ms: float, offline_s: float, doubles: int) -> str:
+    """The run against the targets of the scanning issue (#3), each met or not, or why the run
+    cannot be judged against them."""
+    if ((args.devices, args.rate, args.offline, args.replicas) != (64, 1000.0, 10_000, 1)
+            or min(args.seconds, args.rate_seconds) <= 0):
+        return ("targets: not judged (they are for 64 devices, 1,000 scans/s and 10,000 offline scans, "
+                "one replica, both timed phases run)")
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    return (f"targets: flat out {flat_out:,.0f}/s >= 3,000: {met(flat_out >= 3000)} | "
+            f"p99 at 1,000/s {p99_ms:.2f} ms <= 10 ms: {met(p99_ms <= 10)} | "
+            f"offline {offline_s:.2f} s <= 2 s: {met(offline_s <= 2)} | "
+            f"double admissions {doubles} = 0: {met(doubles == 0)}")
+
+
 async def service_sums(port: int) -> dict[str, float]:
     """The sums and counts of the service's own histograms, as they stand now."""
     async with httpx.AsyncClient() as http:
@@ -385,6 +402,7 @@ async def main() -> None:
             for d in devices:
                 await send_scan(d, device(d))
             await requests.drained()
+            flat_out_rate = len(lat) / (time.perf_counter() - t0)
             report(f"flat out, {args.devices} devices", lat, time.perf_counter() - t0, **tally)
             print(cpu_report(cpu, time.perf_counter() - t0, sum(tally.values())), flush=True)
             print(await service_figures(service.port), flush=True)
@@ -426,7 +444,9 @@ async def main() -> None:
             print(f"offline batch: {len(scans):,} scans applied in {elapsed:.2f}s "
                   f"({len(scans) / elapsed:,.0f} scans/s), accepted {ok}", flush=True)
 
-            print(f"double admissions: {await double_admissions(urls['database_url'], org)}", flush=True)
+            doubles = await double_admissions(urls["database_url"], org)
+            print(f"double admissions: {doubles}", flush=True)
+            print(verdict(args, flat_out_rate, percentile(lat2, 99) * 1000, elapsed, doubles), flush=True)
             print(f"host speed after: {host_speed():.3f} s; after 2 ms asleep {wake_penalty():.1f}x",
                   flush=True)
             await nc.close()
