@@ -25,13 +25,16 @@ from libs.background import cancel_and_wait
 from libs.log import get_logger
 from libs.runtime import ServiceRuntime, configure_service_logging
 from libs.settings import Settings, get_settings
-from services.scanning.adapters.postgres import ScanningStore
+from services.scanning.adapters.postgres import OCCUPANCY_LIMIT, ScanningStore
 from services.scanning.adapters.redis_claims import AdmissionClaims
 from services.scanning.handlers import REGISTRY_CONSUMER, AccessControl
 
 SERVICE = "scanning"
 MIGRATIONS = Path(__file__).parent / "migrations"
 OCCUPANCY_TICK_SECONDS = 0.1  # a dashboard sees the latest value within ~100 ms
+# and PostgreSQL is asked this often with nothing admitted here: for changes another replica
+# made and did not publish (it crashed between its commit and its next tick)
+OCCUPANCY_SWEEP_SECONDS = 2.0
 
 log = get_logger(__name__)
 
@@ -89,13 +92,25 @@ def build(settings: Settings) -> ServiceRuntime:
 
 
 async def _publish_occupancy(store: ScanningStore) -> None:
+    """Queue the coalesced ``occupancy.changed`` events: at most one call per tick, and only
+    when this replica admitted or let someone out since the last one (each replica publishes
+    its own changes), or every ``OCCUPANCY_SWEEP_SECONDS`` for what another left behind. An idle
+    service asked PostgreSQL 10 times a second before."""
+    changed = store.occupancy_changed
     while True:
         try:
-            await store.publish_occupancy_changes()
+            await asyncio.wait_for(changed.wait(), OCCUPANCY_SWEEP_SECONDS)
+        except TimeoutError:
+            pass  # the sweep
+        changed.clear()  # (before the call: a change committed during it wakes the next one)
+        try:
+            if await store.publish_occupancy_changes(OCCUPANCY_LIMIT) >= OCCUPANCY_LIMIT:
+                changed.set()  # more events changed than one call takes
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - PostgreSQL blip: try again next tick
             log.warning("occupancy_publish_failed", error=repr(exc))
+            changed.set()
         await asyncio.sleep(OCCUPANCY_TICK_SECONDS)
 
 

@@ -16,10 +16,11 @@ from libs.envelope import Envelope
 from libs.errors import Unavailable
 from libs.outbox import outbox_committed
 
-__all__ = ["ScanningStore", "SPLIT_AT"]
+__all__ = ["ScanningStore", "SPLIT_AT", "OCCUPANCY_LIMIT"]
 
 SCHEMA = "scanning"
 SPLIT_AT = 2_000  # scans in one batch from which it is decided as two transactions at once
+OCCUPANCY_LIMIT = 100  # events whose occupancy.changed is queued per call
 
 _REGISTRY_EVENTS = {EventCreated.event_type, TicketIssued.event_type, TicketCancelled.event_type}
 _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
@@ -32,6 +33,8 @@ class ScanningStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        # set once scans were admitted or let out here: the occupancy publisher's wake-up
+        self.occupancy_changed = asyncio.Event()
 
     async def decide(self, org_id: UUID, now: datetime, scans: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Decide, record and apply a batch of one tenant's scans in one statement (one
@@ -59,6 +62,8 @@ class ScanningStore:
                         "SELECT coalesce(jsonb_agg(d), '[]') FROM decide_scans($1, $2, $3) d", org_id, now, scans
                     )
                 outbox_committed(SCHEMA)  # every scan has its event
+                if any(d["result"] == "accepted" for d in decisions):
+                    self.occupancy_changed.set()
                 return decisions
             except _RETRYABLE:
                 # cannot happen between our own batches (tickets are locked in code order), but a
@@ -96,8 +101,9 @@ class ScanningStore:
             "counts": [dict(r) for r in counts],
         }
 
-    async def publish_occupancy_changes(self, limit: int = 100) -> int:
-        """Queue one ``occupancy.changed`` per event whose occupancy changed (coalesced)."""
+    async def publish_occupancy_changes(self, limit: int = OCCUPANCY_LIMIT) -> int:
+        """Queue one ``occupancy.changed`` per event whose occupancy changed (coalesced), for at
+        most ``limit`` events; returns how many."""
         async with self._pool.acquire(timeout=2.0) as conn:
             queued = await conn.fetchval("SELECT publish_occupancy_changes($1)", limit)
         if queued:

@@ -107,6 +107,42 @@ async def test_occupancy_changed_is_coalesced(venue_factory, nc):
     assert all(e.data["capacity"] == 1000 for e in events)
 
 
+async def test_the_occupancy_publisher_asks_postgresql_only_after_an_admission(scanning, seed, nc):
+    v = await seed(tickets=1)
+    store = scanning.components["access"].store
+    calls: list[int] = []
+    publish = store.publish_occupancy_changes
+
+    async def counted(*args, **kwargs) -> int:
+        calls.append(await publish(*args, **kwargs))
+        return calls[-1]
+
+    store.publish_occupancy_changes = counted
+    await asyncio.sleep(1.0)
+    assert len(calls) <= 1  # idle: a sweep at most (it was 10 calls a second)
+    await v.scan(v.tickets[0])
+    changed = await _events(nc.jetstream(), f"vge.evt.{v.org}.scanning.occupancy.changed", expect=1)
+    assert [e.data["inside"] for e in changed] == [1]
+    assert 1 in calls  # published by the call the admission woke
+
+
+async def test_a_change_another_replica_left_unpublished_is_published_by_the_sweep(scanning, seed, nc):
+    v = await seed(tickets=1)
+    # as if a replica committed an admission and died before its publisher's next tick: the
+    # occupancy changed and is marked dirty, and no process here was woken for it
+    conn = await asyncpg.connect(v.admin_dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO scanning.occupancy (organization_id, event_id, inside, entries, exits, version, "
+            "updated_at) VALUES ($1, $2, 7, 7, 0, 1, now())", v.org, v.event_id)
+        await conn.execute("INSERT INTO scanning.occupancy_dirty (organization_id, event_id) VALUES ($1, $2)",
+                           v.org, v.event_id)
+    finally:
+        await conn.close()
+    changed = await _events(nc.jetstream(), f"vge.evt.{v.org}.scanning.occupancy.changed", expect=1)
+    assert [e.data["inside"] for e in changed] == [7]
+
+
 async def test_postgres_down_is_unavailable_never_accepted(start_service, seed, tmp_path: Path, server_urls):
     pg = PostgresServer(tmp_path / "pg", fsync=False).start()
     try:
