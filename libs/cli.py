@@ -201,7 +201,7 @@ def dlq_replay(
 ) -> None:
     """Publish dead letters again on their original subjects (their cause fixed), and remove
     them; every consumer of the subject gets the event again and skips it if applied already."""
-    from libs.dead_letters import NoSuchDeadLetter, dead_letters, replay
+    from libs.dead_letters import dead_letters, replay
 
     if not seqs and not consumer:
         typer.echo("name the dead letters (their seq) or --consumer", err=True)
@@ -209,12 +209,7 @@ def dlq_replay(
 
     async def work(js: Any) -> None:
         chosen = list(seqs or []) + ([d.seq async for d in dead_letters(js, consumer)] if consumer else [])
-        try:
-            for letter in await replay(js, chosen):
-                _print_json({"replayed": letter.seq, "subject": letter.subject, "consumer": letter.consumer})
-        except NoSuchDeadLetter as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(1) from None
+        await _each_dead_letter(js, chosen, replay, "replayed")
 
     _with_jetstream(data_dir, work)
 
@@ -225,17 +220,32 @@ def dlq_discard(
     data_dir: _DataDir = None,
 ) -> None:
     """Delete dead letters that can never be applied (a malformed message, say)."""
-    from libs.dead_letters import NoSuchDeadLetter, discard
+    from libs.dead_letters import discard
 
     async def work(js: Any) -> None:
-        try:
-            for letter in await discard(js, seqs):
-                _print_json({"discarded": letter.seq, "consumer": letter.consumer, "reason": letter.reason})
-        except NoSuchDeadLetter as exc:
-            typer.echo(str(exc), err=True)
-            raise typer.Exit(1) from None
+        await _each_dead_letter(js, seqs, discard, "discarded")
 
     _with_jetstream(data_dir, work)
+
+
+async def _each_dead_letter(js: Any, seqs: list[int], act: Callable[[Any, int], Awaitable[Any]],
+                            done: str) -> None:
+    """``act`` on each dead letter, a JSON line for each as it is done; one that is not there is
+    said on stderr, the others are still done, and the command then exits 1."""
+    from libs.dead_letters import NoSuchDeadLetter
+
+    missing = 0
+    for seq in seqs:
+        try:
+            letter = await act(js, seq)
+        except NoSuchDeadLetter as exc:
+            typer.echo(str(exc), err=True)
+            missing += 1
+            continue
+        _print_json({done: letter.seq, "consumer": letter.consumer, "subject": letter.subject,
+                     "reason": letter.reason})
+    if missing:
+        raise typer.Exit(1)
 
 
 def main() -> None:

