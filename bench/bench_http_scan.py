@@ -303,6 +303,7 @@ async def main() -> None:
     with bench_servers("http", Settings(), fsync=args.fsync) as (urls, data):
         private, public = generate_key_pair()
         env = service_env(urls, public)
+
         def service(name: str) -> list[str]:
             if not args.uvloop:
                 return [sys.executable, "-m", name]

@@ -402,8 +402,9 @@ async def main() -> None:
             for d in devices:
                 await send_scan(d, device(d))
             await requests.drained()
-            flat_out_rate = len(lat) / (time.perf_counter() - t0)
-            report(f"flat out, {args.devices} devices", lat, time.perf_counter() - t0, **tally)
+            flat_out_seconds = time.perf_counter() - t0
+            flat_out_rate = len(lat) / flat_out_seconds
+            report(f"flat out, {args.devices} devices", lat, flat_out_seconds, **tally)
             print(cpu_report(cpu, time.perf_counter() - t0, sum(tally.values())), flush=True)
             print(await service_figures(service.port), flush=True)
 

@@ -9,7 +9,7 @@ stays unknown at the gates until that message is replayed, so parking it is only
 Replaying publishes the original message again on its original subject, then deletes the dead
 letter. Every consumer of that subject gets it again, not only the one that parked it: each
 consumer records the event ids it applied (design §3), so the others skip it. Each replay
-carries a message id of its own (``replay:<dead-letter seq>``), so a replay repeated after a
+carries a message id of its own (``replay:VGE_DEAD_LETTERS:<seq>``), so a replay repeated after a
 crash between the publish and the delete is dropped by JetStream's duplicate window, and
 skipped by the consumers after it.
 """
@@ -85,7 +85,7 @@ def _dead_letter(msg: Any) -> DeadLetter:
 async def dead_letters(js: JetStreamContext, consumer: str | None = None, *,
                        after: int = 0) -> AsyncIterator[DeadLetter]:
     """The dead letters (of one consumer, or all), oldest first, from sequence ``after + 1``.
-    Read one by one with the stream's direct get: no consumer is created for reading."""
+    Read one by one with JetStream's get-message request: no consumer is created for reading."""
     subject = dead_letter(consumer) if consumer else DEAD_LETTER_SUBJECTS
     seq = after + 1
     while True:
