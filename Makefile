@@ -15,9 +15,13 @@ $(STAMP): pyproject.toml
 up: $(STAMP)
 	$(VENV)/bin/vge up
 
-## run the whole test suite (unit, integration, e2e) against real servers
-test: $(STAMP)
+## pyflakes' checks (ruff) and the import contracts (services never import each other)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check
 	$(VENV)/bin/lint-imports
+
+## run the whole test suite (unit, integration, e2e) against real servers, after lint
+test: lint
 	$(VENV)/bin/pytest
 
 unit: $(STAMP)

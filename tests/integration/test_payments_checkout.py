@@ -12,7 +12,6 @@ from functools import partial
 from typing import Any
 
 import asyncpg
-import nats.errors
 import pytest
 
 from libs.actor import Actor, ActorType, Role

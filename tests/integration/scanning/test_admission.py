@@ -5,9 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-import pytest
 
-from libs.errors import Unauthenticated
 
 
 async def test_first_entry_accepted_then_already_admitted_with_first_gate(venue_factory):
