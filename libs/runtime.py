@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -276,6 +277,11 @@ class ServiceRuntime:
             return
         if starting.exception() is not None:
             stopping.cancel()
+            # stop what the start opened (connections, relay, consumers) before raising: left to
+            # asyncio.run's clean-up, a task that swallows its cancellation (nats-py's) keeps the
+            # process from ever exiting, and an orchestrator never restarts it
+            self.log.error("start_failed", error=repr(starting.exception()))
+            await self._stop_within_deadline()
             starting.result()  # start-up failed: raise it
         self._tune_gc()
         watch_loop_lag()  # process-wide, like the GC tuning: here, not in start
@@ -347,6 +353,11 @@ class ServiceRuntime:
         self.http.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
 
     async def _start_http(self) -> None:
+        # bound here, not by uvicorn: uvicorn answers a taken port with sys.exit() inside its
+        # task, which ends the event loop at once, and asyncio.run's clean-up then waited for
+        # ever on a task that swallows its cancellation (the process never exited; seen with
+        # audit). Here it is an OSError, a start-up failure like any other (run_until_stopped).
+        sock = _bind_listening_port(self.settings.http_host, self.http_port)
         config = uvicorn.Config(
             self.http,
             host=self.settings.http_host,
@@ -358,10 +369,10 @@ class ServiceRuntime:
         self._http_server = uvicorn.Server(config)
         # the runtime owns SIGTERM/SIGINT; uvicorn must not take them over
         self._http_server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
-        self._http_task = asyncio.create_task(self._http_server.serve())
+        self._http_task = asyncio.create_task(self._http_server.serve(sockets=[sock]))
         while not self._http_server.started:
             if self._http_task.done():
-                self._http_task.result()  # raises the bind error
+                self._http_task.result()  # raises why the server did not start
             await asyncio.sleep(0.02)
         sockets = self._http_server.servers[0].sockets
         self.http_port = sockets[0].getsockname()[1]
@@ -400,3 +411,21 @@ class ServiceRuntime:
 def configure_service_logging(name: str, settings: Settings) -> None:
     """Logging for a service process (kept here so every ``__main__`` is two lines)."""
     configure_logging(settings.log_level, settings.log_format, service=name)
+
+
+def _bind_listening_port(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (0: any free port), as uvicorn would bind it (address
+    reuse, so a restart does not wait out the old connections); raises ``OSError`` if taken.
+
+    Made with ``IPPROTO_TCP`` named, not 0: asyncio sets TCP_NODELAY only on connections whose
+    socket says so, and the accepted ones copy it from this one. Without it every response
+    waited for Nagle and the delayed ACK: the gateway's fuzz test ran 4x as long."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -6,6 +6,7 @@ mid-write instead of stopping in order."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from libs.servers import NatsServer
 
@@ -80,3 +81,22 @@ async def test_sigterm_while_a_server_never_answers_abandons_the_start(service_p
     assert code is not None, "the service hung on SIGTERM during start-up:\n" + text[-3000:]
     assert code == 0, f"exit code {code}:\n{text[-3000:]}"
     assert '"stopped_while_starting"' in text
+
+
+async def test_a_service_whose_port_is_taken_exits_instead_of_hanging(service_process):
+    # uvicorn's own bind ended the event loop with sys.exit(), and the clean-up then waited for
+    # ever on a task that swallowed its cancellation: about one start in three never exited
+    # (audit). A process that hangs is never restarted by an orchestrator.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        for attempt in range(1, 4):
+            audit = service_process("audit", VGE_HEALTH_PORT=str(taken.getsockname()[1]))
+            code = await audit.exited(20.0)
+            text = audit.log_text()  # (the attempts share one log)
+            assert code != 0, text[-3000:]
+            assert text.lower().count("address already in use") >= attempt, text[-3000:]
+            assert text.count("start_failed") == attempt  # it stopped what it had started first
+    finally:
+        taken.close()
