@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
 from libs.background import cancel_and_wait
@@ -64,6 +64,16 @@ EventHandler = Callable[[Envelope], Awaitable[None]]
 BatchEventHandler = Callable[[Sequence[Envelope]], Awaitable[None]]
 
 CONSUMED = Counter("vge_events_consumed_total", "Events handled", ["consumer", "outcome"])
+CONSUMER_PENDING = Gauge(
+    "vge_consumer_pending",
+    "Events in the stream a durable consumer has not fetched yet: its backlog (scanning-registry: "
+    "sold tickets the gates do not know yet)",
+    ["consumer"],
+)
+CONSUMER_ACK_PENDING = Gauge(
+    "vge_consumer_ack_pending", "Events a durable consumer has fetched and not acknowledged yet", ["consumer"]
+)
+LAG_POLL_SECONDS = 2.0
 
 
 async def ensure_streams(js: JetStreamContext, *, duplicate_window: float = 120.0) -> None:
@@ -211,6 +221,7 @@ class EventConsumer:
         concurrency: int = 1,
         batch_handler: BatchEventHandler | None = None,
         permanent_errors: tuple[type[BaseException], ...] = (),
+        lag_poll: float = LAG_POLL_SECONDS,
     ) -> None:
         self._js = js
         self.durable = durable
@@ -224,6 +235,8 @@ class EventConsumer:
         self._batch_handler = batch_handler
         self._permanent_errors = permanent_errors
         self._task: asyncio.Task[None] | None = None
+        self._lag_poll = lag_poll
+        self._lag_task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PullSubscription | None = None
         self._pull: PullBatches | None = None
 
@@ -246,6 +259,21 @@ class EventConsumer:
             self._pull = PullBatches(self._js, EVENTS_STREAM, self.durable)
             await self._pull.start()
         self._task = asyncio.create_task(self._run(), name=f"consumer-{self.durable}")
+        self._lag_task = asyncio.create_task(self._watch_lag(), name=f"consumer-lag-{self.durable}")
+
+    async def _watch_lag(self) -> None:
+        """Every ``lag_poll`` seconds, set this consumer's backlog gauges from its info. A failed
+        poll (NATS reconnecting) is tried again at the next tick: a gauge never stops a service."""
+        while True:
+            try:
+                info = await self._js.consumer_info(EVENTS_STREAM, self.durable, timeout=self._lag_poll)
+                CONSUMER_PENDING.labels(self.durable).set(info.num_pending or 0)
+                CONSUMER_ACK_PENDING.labels(self.durable).set(info.num_ack_pending or 0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                log.debug("consumer_lag_poll_failed", consumer=self.durable, error=repr(exc))
+            await asyncio.sleep(self._lag_poll)
 
     async def _ensure_durable(self, config: ConsumerConfig) -> None:
         # as pull_subscribe does: create with our config if missing, else bind to it as it is
@@ -257,6 +285,8 @@ class EventConsumer:
 
     async def stop(self) -> None:
         """Stop pulling; messages in flight finish, unacked ones are redelivered later."""
+        await cancel_and_wait(self._lag_task)
+        self._lag_task = None
         await cancel_and_wait(self._task)
         self._task = None
         await _unsubscribe_quietly(self._sub)

@@ -7,7 +7,6 @@ event (``vge.evt.>``, in batches), the query and verify commands, and the lag ga
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +23,6 @@ from libs.errors import InvalidInput
 from libs.runtime import ServiceRuntime, configure_service_logging
 from libs.settings import Settings, get_settings
 from services.audit import handlers
-from services.audit.adapters.jetstream import watch_consumer_lag
 from services.audit.adapters.postgres import PostgresAuditLog
 
 __all__ = ["SERVICE", "DURABLE", "build", "main"]
@@ -41,14 +39,12 @@ BATCHES_IN_FLIGHT = 2
 # An instance that dies holding a batch gets it redelivered to the others after this long;
 # a batch takes milliseconds, so a few seconds is plenty and keeps a crash's delay short.
 ACK_WAIT_SECONDS = 5.0
-LAG_POLL_SECONDS = 2.0
 
 
 def build(settings: Settings) -> ServiceRuntime:
     """The audit service's runtime with its commands and consumers registered."""
     runtime = ServiceRuntime(SERVICE, settings, migrations_dir=MIGRATIONS)
     store: PostgresAuditLog | None = None
-    watcher: asyncio.Task[None] | None = None
 
     def audit_log() -> PostgresAuditLog:
         if store is None:
@@ -56,22 +52,12 @@ def build(settings: Settings) -> ServiceRuntime:
         return store
 
     async def open_audit_log() -> None:
-        nonlocal store, watcher
+        nonlocal store
         assert runtime.pool is not None and runtime.js is not None
         store = PostgresAuditLog(runtime.pool)
-        watcher = asyncio.create_task(
-            watch_consumer_lag(runtime.js, DURABLE, LAG_POLL_SECONDS), name="audit-consumer-lag"
-        )
-
-    async def stop_watching() -> None:
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
 
     runtime.publishes(CrossTenantRead)
     runtime.on_start(open_audit_log)
-    runtime.on_stop(stop_watching)
 
     @runtime.router.command("query", QueryAudit, AuditRecords)
     async def query(ctx: CommandContext, request: QueryAudit) -> AuditRecords:

@@ -1,12 +1,13 @@
 """Prometheus metrics of the audit service (served on ``/metrics`` by the runtime).
 
 Throughput is ``rate(vge_audit_records_appended_total[1m])``; lag is the publish-to-record time of
-each record and the number of events still waiting in the durable consumer.
+each record; the events still waiting in the durable consumer are ``vge_consumer_pending{consumer="audit"}``
+(``libs.jetstream``, as for every consumer).
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
 __all__ = [
     "RECORDS_APPENDED",
@@ -14,8 +15,6 @@ __all__ = [
     "INGEST_BATCH_SIZE",
     "INGEST_SECONDS",
     "RECORD_LAG_SECONDS",
-    "CONSUMER_PENDING",
-    "CONSUMER_ACK_PENDING",
     "CROSS_TENANT_READS",
 ]
 
@@ -38,12 +37,6 @@ RECORD_LAG_SECONDS = Histogram(
     "From the event's occurred_at to its audit record being committed",
     buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 1.0, 2.5, 5.0,
              10.0, 30.0, 60.0),
-)
-CONSUMER_PENDING = Gauge(
-    "vge_audit_consumer_pending", "Events in the stream the audit consumer has not fetched yet"
-)
-CONSUMER_ACK_PENDING = Gauge(
-    "vge_audit_consumer_ack_pending", "Events fetched by the audit consumer and not yet acked"
 )
 CROSS_TENANT_READS = Counter(
     "vge_audit_cross_tenant_reads_total", "Platform-admin reads of another tenant's audit log"

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 
 import pytest
+from prometheus_client import REGISTRY
 
 from libs.actor import Actor
 from libs.db import mark_processed, tenant_transaction
@@ -124,3 +125,37 @@ async def test_poison_event_is_dead_lettered_and_consumer_goes_on(pool, nc, sche
     finally:
         await consumer.stop()
         await dlq.unsubscribe()
+
+
+def _gauge(name: str, durable: str) -> float | None:
+    return REGISTRY.get_sample_value(name, {"consumer": durable})
+
+
+async def test_a_consumers_backlog_is_in_its_gauges(nc, schema, eventually):
+    js = nc.jetstream()
+    await ensure_streams(js)
+    org = uuid.uuid4()
+    durable = f"{schema}_lagging"
+    go_on = asyncio.Event()
+
+    async def handler(env: Envelope) -> None:
+        await go_on.wait()  # (a handler stuck on a slow database, say)
+
+    for n in range(5):
+        await _publish(js, _event(org, n))
+    consumer = EventConsumer(js, durable=durable, handler=handler, filter_subject=f"vge.evt.{org}.>",
+                             lag_poll=0.05)
+    await consumer.start()
+    try:
+        async def stuck() -> bool:  # fetched, not one acknowledged
+            return _gauge("vge_consumer_ack_pending", durable) == 5
+
+        await eventually(stuck, what="5 events fetched and not acknowledged")
+        go_on.set()
+
+        async def caught_up() -> bool:
+            return (_gauge("vge_consumer_pending", durable), _gauge("vge_consumer_ack_pending", durable)) == (0, 0)
+
+        await eventually(caught_up, what="the backlog gauges back at 0")
+    finally:
+        await consumer.stop()
