@@ -1,7 +1,7 @@
 """Audit: one hash-chained record per mutation event, per tenant (design §4.3).
 
 The one place that wires this service: the PostgreSQL audit log, the durable consumer of every
-event (``vge.evt.>``, in batches), the query and verify commands, and the lag gauges.
+event (``vge.evt.>``, in batches; its lag gauges come with it), the query and verify commands.
 """
 
 from __future__ import annotations
