@@ -36,7 +36,9 @@ from libs.redis_store import RedisStore
 from libs.settings import Settings
 from libs.commands import CommandRouter, flush_in_order
 
-__all__ = ["ServiceRuntime", "MissingConfiguration", "watch_gc_pauses", "watch_loop_lag"]
+__all__ = ["ServiceRuntime", "MissingConfiguration", "run_service", "watch_gc_pauses", "watch_loop_lag"]
+
+log = get_logger(__name__)
 
 GC_PAUSES = Histogram(
     "vge_gc_pause_seconds", "Garbage collections of this process (the event loop stands still)",
@@ -406,6 +408,38 @@ class ServiceRuntime:
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
         )
+
+
+LEFTOVER_TASK_SECONDS = 5.0
+
+
+def run_service(runtime: ServiceRuntime, *, leftover_seconds: float = LEFTOVER_TASK_SECONDS) -> None:
+    """A service process's event loop: ``runtime.run_until_stopped()``, then a clean-up that
+    ends. ``asyncio.run`` cancels the tasks left and waits for them without a bound, so one task
+    that swallows its cancellation (nats-py's do) keeps the process alive for ever whenever the
+    loop ended early (a ``sys.exit()`` inside a task, say), and an orchestrator never restarts
+    it. Here the tasks left get ``leftover_seconds``, and the process ends either way."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(runtime.run_until_stopped())
+    finally:
+        try:
+            left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                loop.run_until_complete(asyncio.wait(left, timeout=leftover_seconds))
+                stuck = [t.get_name() for t in left if not t.done()]
+                if stuck:
+                    log.warning("tasks_left_running_at_exit", tasks=stuck)
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), leftover_seconds))
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(), leftover_seconds))
+        except (TimeoutError, RuntimeError) as exc:  # a generator or thread that does not end
+            log.warning("exit_cleanup_incomplete", error=repr(exc))
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 def configure_service_logging(name: str, settings: Settings) -> None:

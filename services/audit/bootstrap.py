@@ -6,7 +6,6 @@ event (``vge.evt.>``, in batches; its lag gauges come with it), the query and ve
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +19,7 @@ from libs.contracts.audit import (
 )
 from libs.envelope import Envelope
 from libs.errors import InvalidInput
-from libs.runtime import ServiceRuntime, configure_service_logging
+from libs.runtime import ServiceRuntime, configure_service_logging, run_service
 from libs.settings import Settings, get_settings
 from services.audit import handlers
 from services.audit.adapters.postgres import PostgresAuditLog
@@ -92,4 +91,4 @@ def main() -> None:
     """Entry point of ``python -m services.audit``."""
     settings = get_settings()
     configure_service_logging(SERVICE, settings)
-    asyncio.run(build(settings).run_until_stopped())
+    run_service(build(settings))

@@ -7,7 +7,6 @@ and live feeds, on the shared service runtime (health, metrics, outbox relay, mi
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from libs.contracts.gateway import (
     OrganizationCreated,
     OrganizationReadByPlatform,
 )
-from libs.runtime import MissingConfiguration, ServiceRuntime, configure_service_logging
+from libs.runtime import MissingConfiguration, ServiceRuntime, configure_service_logging, run_service
 from libs.settings import Settings, get_settings
 from services.gateway.adapters.jwt import JwtVerifier
 from services.gateway.adapters.nats_feeds import OccupancyFeed, RevocationBroadcast
@@ -95,4 +94,4 @@ def main() -> None:
     """Entry point of ``python -m services.gateway``."""
     settings = get_settings()
     configure_service_logging(SERVICE, settings)
-    asyncio.run(build(settings).run_until_stopped())
+    run_service(build(settings))

@@ -24,7 +24,7 @@ from libs.contracts.payments import (
     RefundCompleted,
 )
 from libs.db import CONNECTION_ERRORS, service_dsn
-from libs.runtime import ServiceRuntime, configure_service_logging
+from libs.runtime import ServiceRuntime, configure_service_logging, run_service
 from libs.settings import Settings, get_settings
 from services.payments.adapters.faults import SagaFaults
 from services.payments.adapters.postgres import PaymentsStore, create_store_pool
@@ -127,4 +127,4 @@ def main() -> None:
     """Entry point of ``python -m services.payments``."""
     settings = get_settings()
     configure_service_logging(SERVICE, settings)
-    asyncio.run(build(settings).run_until_stopped())
+    run_service(build(settings))

@@ -23,7 +23,7 @@ from libs.contracts.scanning import (
 )
 from libs.background import cancel_and_wait
 from libs.log import get_logger
-from libs.runtime import ServiceRuntime, configure_service_logging
+from libs.runtime import ServiceRuntime, configure_service_logging, run_service
 from libs.settings import Settings, get_settings
 from services.scanning.adapters.postgres import OCCUPANCY_LIMIT, ScanningStore
 from services.scanning.adapters.redis_claims import AdmissionClaims
@@ -118,4 +118,4 @@ def main() -> None:
     """Entry point of ``python -m services.scanning``."""
     settings = get_settings()
     configure_service_logging(SERVICE, settings)
-    asyncio.run(build(settings).run_until_stopped())
+    run_service(build(settings))
