@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import gc
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -33,6 +32,7 @@ from libs.migrations import migrate
 from libs.nats_auth import connect_options
 from libs.outbox import OutboxRelay
 from libs.redis_store import RedisStore
+from libs.servers import bind_port
 from libs.settings import Settings
 from libs.commands import CommandRouter, flush_in_order
 
@@ -359,7 +359,7 @@ class ServiceRuntime:
         # task, which ends the event loop at once, and asyncio.run's clean-up then waited for
         # ever on a task that swallows its cancellation (the process never exited; seen with
         # audit). Here it is an OSError, a start-up failure like any other (run_until_stopped).
-        sock = _bind_listening_port(self.settings.http_host, self.http_port)
+        sock = bind_port(self.http_port, self.settings.http_host)
         config = uvicorn.Config(
             self.http,
             host=self.settings.http_host,
@@ -446,20 +446,3 @@ def configure_service_logging(name: str, settings: Settings) -> None:
     """Logging for a service process (kept here so every ``__main__`` is two lines)."""
     configure_logging(settings.log_level, settings.log_format, service=name)
 
-
-def _bind_listening_port(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (0: any free port), as uvicorn would bind it (address
-    reuse, so a restart does not wait out the old connections); raises ``OSError`` if taken.
-
-    Made with ``IPPROTO_TCP`` named, not 0: asyncio sets TCP_NODELAY only on connections whose
-    socket says so, and the accepted ones copy it from this one. Without it every response
-    waited for Nagle and the delayed ACK: the gateway's fuzz test ran 4x as long."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM,
-                         socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock

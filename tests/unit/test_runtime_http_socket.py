@@ -1,4 +1,5 @@
-"""The socket a service's HTTP server (health, metrics, the gateway's API) listens on."""
+"""The socket a service's HTTP server (health, metrics, the gateway's API) listens on
+(``libs.servers.bind_port``, bound by ``libs.runtime``)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import socket
 
 import pytest
 
-from libs.runtime import _bind_listening_port
+from libs.servers import bind_port, port_taken
 
 
 async def test_connections_accepted_on_it_send_without_waiting_for_nagle():
     # asyncio sets TCP_NODELAY only on connections whose socket names IPPROTO_TCP; an accepted
     # one copies the listening socket's. Without it a response waited for the delayed ACK.
-    sock = _bind_listening_port("127.0.0.1", 0)
+    sock = bind_port(0, "127.0.0.1")
     nodelay: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
     async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -37,6 +38,7 @@ def test_a_taken_port_is_an_error_at_once():
     taken.listen()
     try:
         with pytest.raises(OSError):
-            _bind_listening_port("127.0.0.1", taken.getsockname()[1])
+            bind_port(taken.getsockname()[1], "127.0.0.1")
+        assert port_taken(taken.getsockname()[1])
     finally:
         taken.close()
