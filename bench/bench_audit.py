@@ -41,7 +41,7 @@ from libs.context import generate_key_pair  # noqa: E402
 from libs.db import create_pool, service_dsn  # noqa: E402
 from libs.envelope import Envelope  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
-from libs.service_process import ServiceProcess, all_healthy  # noqa: E402
+from libs.service_process import ServiceProcess, all_healthy, stop_all  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from libs.subjects import DEAD_LETTER_STREAM  # noqa: E402
 from libs.subjects import event as event_subject  # noqa: E402
@@ -126,10 +126,7 @@ class AuditProcesses:
     async def stop(self) -> None:
         if self.runtime is not None:
             await self.runtime.stop()
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            proc.stop(20)
+        stop_all(self.procs, 20)
         self.procs.clear()
 
 

@@ -49,7 +49,7 @@ from libs.commands import CommandClient  # noqa: E402
 from libs.context import ContextSigner, generate_key_pair, load_private_key  # noqa: E402
 from libs.errors import DomainError  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
-from libs.service_process import ServiceProcess  # noqa: E402
+from libs.service_process import ServiceProcess, stop_all  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from loadgen import (  # noqa: E402
     PresignedContexts, at_fixed_rate, bench_servers, percentile, run as run_loop, service_env, settle_heap,
@@ -254,10 +254,7 @@ async def run_against(args: argparse.Namespace, urls: dict[str, str]) -> None:
     finally:
         for runtime in runtimes:
             await runtime.stop()
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.stop(15)
+        stop_all(procs, 15)
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ from loadgen import (  # noqa: E402
 from libs.context import generate_key_pair  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
-from libs.service_process import ServiceProcess, all_healthy  # noqa: E402
+from libs.service_process import ServiceProcess, all_healthy, stop_all  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from services.gateway.cli import create_tenant  # noqa: E402
 
@@ -498,10 +498,7 @@ async def main() -> None:
                 await dev.close()
             for client in clients.values():
                 await client.aclose()
-            for proc in gateways + scanning:
-                proc.terminate()
-            for proc in gateways + scanning:
-                proc.stop(20)
+            stop_all(gateways + scanning, 20)
 
 
 if __name__ == "__main__":

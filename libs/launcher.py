@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from libs.context import generate_key_pair
 from libs.log import get_logger
 from libs.nats_auth import generate_passwords
 from libs.servers import resolve_server_urls
-from libs.service_process import ServiceProcess, all_healthy
+from libs.service_process import ServiceProcess, all_healthy, stop_all
 from libs.settings import Settings
 
 __all__ = ["Stack", "SERVICES", "STACK_FILE", "NATS_PASSWORDS_FILE"]
@@ -55,7 +54,6 @@ class Stack:
     urls: dict[str, str] = field(default_factory=dict)
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
     _servers: Any = None
-    _env: dict[str, str] = field(default_factory=dict)
     _keys: tuple[str, str] | None = None
     _nats_passwords: dict[str, str] | None = None
 
@@ -72,24 +70,21 @@ class Stack:
         )
         log.info("servers_ready", **self.urls)
         self._keys = self._context_keys()
-        self._env = self._child_env()
+        env = self._child_env()
         for name in SERVICES:
-            self._spawn(name)
-        self._wait_healthy(ready_timeout)
+            child_env = dict(env)
+            if self._nats_passwords is not None:
+                child_env.update(VGE_NATS_USER=name, VGE_NATS_PASSWORD=self._nats_passwords[name])
+            # the gateway's port is the configured one; the others' are picked (and picked again
+            # if one is taken before its service binds it, see ``ServiceProcess``)
+            self.processes[name] = ServiceProcess(
+                name, child_env, port=self.settings.gateway_port if name == "gateway" else None,
+                # own session: Ctrl-C reaches only the launcher, which stops things in order
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        asyncio.run(all_healthy(list(self.processes.values()), ready_timeout))
         self._write_stack_file()
-
-    def _spawn(self, name: str) -> None:
-        # the gateway's port is the configured one; the others' are picked (and picked again if
-        # one is taken before its service binds it, see ``ServiceProcess``)
-        child_env = dict(self._env)
-        if self._nats_passwords is not None:
-            child_env.update(VGE_NATS_USER=name, VGE_NATS_PASSWORD=self._nats_passwords[name])
-        self.processes[name] = ServiceProcess(
-            name, child_env, port=self.settings.gateway_port if name == "gateway" else None,
-            # own session: Ctrl-C reaches only the launcher, which stops things in order
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
 
     @property
     def ports(self) -> dict[str, int]:
@@ -146,9 +141,6 @@ class Stack:
         """Where a service answers ``/healthz``."""
         return self.processes[name].health_url
 
-    def _wait_healthy(self, timeout: float) -> None:
-        asyncio.run(all_healthy(list(self.processes.values()), timeout))
-
     def _write_stack_file(self) -> None:
         stack = {
             **self.urls,
@@ -174,11 +166,7 @@ class Stack:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every service, SIGKILL the ones still running after ``grace``; then servers."""
-        for proc in self.processes.values():
-            proc.terminate()
-        deadline = time.monotonic() + grace
-        for proc in self.processes.values():
-            proc.stop(max(0.1, deadline - time.monotonic()))
+        stop_all(list(self.processes.values()), grace)
         (self.data_dir / STACK_FILE).unlink(missing_ok=True)
         if self._servers is not None:
             self._servers.stop()

@@ -14,6 +14,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import httpx
 from libs.log import get_logger
 from libs.servers import free_port, port_taken
 
-__all__ = ["ServiceFailed", "ServiceProcess", "all_healthy"]
+__all__ = ["ServiceFailed", "ServiceProcess", "all_healthy", "stop_all"]
 
 log = get_logger(__name__)
 
@@ -98,7 +99,7 @@ class ServiceProcess:
         tail = self.log_tail()
         return ServiceFailed(f"{self.service} {what}" + (f":\n{tail}" if tail else ""))
 
-    def still_starting(self) -> bool:
+    def _still_starting(self) -> bool:
         """True while the process runs (or was started again because its picked port was taken:
         at most ``RESPAWNS`` times); raises :class:`ServiceFailed` if it exited otherwise."""
         if self.proc.poll() is None:
@@ -118,7 +119,7 @@ class ServiceProcess:
         deadline = loop.time() + timeout
         async with httpx.AsyncClient() as http:
             while loop.time() < deadline:
-                self.still_starting()
+                self._still_starting()
                 try:
                     if (await http.get(self.health_url, timeout=1)).status_code == 200:
                         log.info("service_healthy", service=self.service, health=self.health_url)
@@ -183,3 +184,13 @@ async def all_healthy(processes: Sequence[ServiceProcess], timeout: float = 60.0
         for wait in waits:
             wait.cancel()
         await asyncio.gather(*waits, return_exceptions=True)  # (a second failure: read, not lost)
+
+
+def stop_all(processes: Sequence[ServiceProcess], grace: float = 15.0) -> None:
+    """SIGTERM every process at once, then wait for each; SIGKILL the ones still running
+    ``grace`` seconds after the SIGTERMs (one grace period for all, not one each)."""
+    for process in processes:
+        process.terminate()
+    deadline = time.monotonic() + grace
+    for process in processes:
+        process.stop(max(0.1, deadline - time.monotonic()))
