@@ -43,12 +43,12 @@ from nats.aio.msg import Msg
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from libs.actor import Actor, ActorType  # noqa: E402
-from libs.commands import CORRELATION_HEADER, STATUS_HEADER, CommandClient  # noqa: E402
-from libs.context import CONTEXT_HEADER, ContextSigner, generate_key_pair, load_private_key  # noqa: E402
+from libs.commands import STATUS_HEADER, CommandClient  # noqa: E402
+from libs.context import ContextSigner, generate_key_pair, load_private_key  # noqa: E402
 from libs.contracts.catalog import EventCreated, TicketIssued, TicketTypeInfo  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
-from libs.service_process import ServiceProcess, all_healthy  # noqa: E402
+from libs.service_process import ServiceProcess, all_healthy, stop_all  # noqa: E402
 from libs.settings import Settings  # noqa: E402
 from loadgen import (  # noqa: E402
     OnReply, PresignedContexts, ReplyInbox, bench_servers, percentile, run, send_at_fixed_rate, service_env,
@@ -346,7 +346,6 @@ async def main() -> None:
 
             requests = ReplyInbox(nc, timeout=5.0)
             await requests.start()
-            issuer = presigned if args.presign else signer
             run_id, sent, event_id_str = uuid.uuid4().hex, itertools.count(), str(event_id)
 
             async def send_scan(dev: Actor, on_reply: OnReply, due: float | None = None) -> None:
@@ -360,10 +359,8 @@ async def main() -> None:
                 n = next(sent)
                 body = orjson.dumps({"event_id": event_id_str, "ticket_code": code, "direction": "entry",
                                      "gate": dev.user_id, "nonce": f"{run_id}-{n}"})
-                correlation_id = f"{run_id}-c{n}"
-                _, context = issuer.issue(actor=dev, org_id=org, subject=SCAN_SUBJECT,
-                                          correlation_id=correlation_id, ttl_seconds=600.0)
-                headers = {CONTEXT_HEADER: context, CORRELATION_HEADER: correlation_id}
+                headers = client.signed_headers(SCAN_SUBJECT, actor=dev, org_id=org,
+                                                correlation_id=f"{run_id}-c{n}")
                 await requests.send(SCAN_SUBJECT, body, headers, on_reply, due=due)
 
             def tallying(latencies: list[float], tally: dict[str, int]) -> OnReply:
@@ -452,10 +449,7 @@ async def main() -> None:
                   flush=True)
             await nc.close()
         finally:
-            for proc in services:
-                proc.terminate()
-            for proc in services:
-                proc.stop(20)
+            stop_all(services, 20)
 
 
 if __name__ == "__main__":

@@ -249,6 +249,15 @@ class CommandClient:
         self._timeout = timeout
         self._ttl = ttl
 
+    def signed_headers(self, subject: str, *, actor: Actor, org_id: Any, correlation_id: str) -> dict[str, str]:
+        """The headers of a command to ``subject``: the signed context and the correlation id
+        (for a caller that sends the message itself, e.g. a load generator)."""
+        _, header = self._signer.issue(
+            actor=actor, org_id=org_id, subject=subject, correlation_id=correlation_id,
+            ttl_seconds=self._ttl,
+        )
+        return {CONTEXT_HEADER: header, CORRELATION_HEADER: correlation_id}
+
     async def request(
         self,
         subject: str,
@@ -261,17 +270,14 @@ class CommandClient:
     ) -> dict[str, Any]:
         """Send one command and return the reply's JSON; raises ``DomainError`` on an error reply
         and ``Unavailable`` when no replica answers in time."""
-        _, header = self._signer.issue(
-            actor=actor, org_id=org_id, subject=subject, correlation_id=correlation_id,
-            ttl_seconds=self._ttl,
-        )
         payload = body.model_dump_json().encode() if isinstance(body, BaseModel) else json.dumps(body).encode()
         try:
             reply = await self._nc.request(
                 subject,
                 payload,
                 timeout=timeout or self._timeout,
-                headers={CONTEXT_HEADER: header, CORRELATION_HEADER: correlation_id},
+                headers=self.signed_headers(subject, actor=actor, org_id=org_id,
+                                            correlation_id=correlation_id),
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError) as exc:
             raise Unavailable(f"{subject} did not answer in time") from exc
