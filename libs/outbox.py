@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
 from libs.background import cancel_and_wait
-from libs.db import CONNECTION_ERRORS, after_commit, check_identifier
+from libs.db import after_commit, check_identifier
 from libs.envelope import Envelope
 from libs.log import get_logger
 from libs.subjects import event as event_subject
@@ -325,7 +325,7 @@ class OutboxRelay:
                     log.info("outbox_purged", schema=self._schema, rows=purged)
             except asyncio.CancelledError:
                 raise
-            except (*CONNECTION_ERRORS, Exception) as exc:  # noqa: BLE001 - try again next time
+            except Exception as exc:  # noqa: BLE001 - PostgreSQL gone, say: try again next time
                 log.warning("outbox_purge_failed", schema=self._schema, error=repr(exc))
             await asyncio.sleep(self._purge_interval)
 
@@ -413,7 +413,7 @@ class OutboxRelay:
                     pass
             except asyncio.CancelledError:
                 raise
-            except (*CONNECTION_ERRORS, Exception) as exc:  # noqa: BLE001 - keep relaying
+            except Exception as exc:  # noqa: BLE001 - PostgreSQL or NATS gone, say: keep relaying
                 OUTBOX_FAILURES.labels(self._schema).inc()
                 log.warning("outbox_relay_retry", schema=self._schema, error=repr(exc), wait=backoff)
                 await self._unlisten()
