@@ -74,29 +74,37 @@ CONSUMER_ACK_PENDING = Gauge(
     "vge_consumer_ack_pending", "Events a durable consumer has fetched and not acknowledged yet", ["consumer"]
 )
 LAG_POLL_SECONDS = 2.0
+# JetStream's answer to creating a stream that exists with other settings
+STREAM_EXISTS_WITH_OTHER_SETTINGS = 10058
 
 
-async def ensure_streams(js: JetStreamContext, *, duplicate_window: float = 120.0) -> None:
-    """Create or update ``VGE_EVENTS`` and the dead-letter stream (file storage)."""
-    configs = [
-        StreamConfig(
-            name=EVENTS_STREAM,
-            subjects=[EVENTS_SUBJECTS],
+async def ensure_streams(js: JetStreamContext, *, duplicate_window: float = 120.0, replicas: int = 1) -> None:
+    """Create or update ``VGE_EVENTS`` and the dead-letter stream (file storage), each kept on
+    ``replicas`` servers of a NATS cluster (3 on deploy/nats/nats-cluster.conf: a published
+    event is acknowledged once a majority of them has it, and losing one loses nothing).
+
+    A service never lowers a stream's replica count: one started with an older setting (a
+    rolling deploy, a restart of an old replica) would otherwise take the redundancy away
+    until the next start of a new one. Lowering it is an operator's decision (``nats stream
+    edit``)."""
+    for name, subjects in ((EVENTS_STREAM, EVENTS_SUBJECTS), (DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS)):
+        cfg = StreamConfig(
+            name=name,
+            subjects=[subjects],
             storage=StorageType.FILE,
             duplicate_window=duplicate_window,
-        ),
-        StreamConfig(
-            name=DEAD_LETTER_STREAM,
-            subjects=[DEAD_LETTER_SUBJECTS],
-            storage=StorageType.FILE,
-            duplicate_window=duplicate_window,
-        ),
-    ]
-    for cfg in configs:
+            num_replicas=replicas,
+        )
         try:
             await js.add_stream(cfg)
-        except nats.js.errors.BadRequestError:
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != STREAM_EXISTS_WITH_OTHER_SETTINGS:
+                raise
             # exists with other settings: bring it to ours
+            current = (await js.stream_info(name)).config.num_replicas or 1
+            if current > replicas:
+                log.warning("stream_replicas_kept", stream=name, replicas=current, configured=replicas)
+                cfg.num_replicas = current
             await js.update_stream(cfg)
 
 

@@ -106,11 +106,12 @@ def password_variable(user: str) -> str:
 
 
 def _streams_api() -> list[str]:
-    # ensure_streams: create, or update when the settings changed (never delete or purge)
+    # ensure_streams: create, or update when the settings changed (never delete or purge); INFO
+    # to read the replica count it never lowers
     return [
         f"$JS.API.STREAM.{verb}.{stream}"
         for stream in (EVENTS_STREAM, DEAD_LETTER_STREAM)
-        for verb in ("CREATE", "UPDATE")
+        for verb in ("CREATE", "UPDATE", "INFO")
     ]
 
 

@@ -188,7 +188,8 @@ class ServiceRuntime:
         self.pool = await create_pool(dsn, schema=self.name, min_size=2, max_size=20)
         self.nc = await self._connect_nats(f"vge-{self.name}")
         self.js = self.nc.jetstream()
-        await ensure_streams(self.js, duplicate_window=s.events_duplicate_window_seconds)
+        await ensure_streams(self.js, duplicate_window=s.events_duplicate_window_seconds,
+                             replicas=s.stream_replicas)
         if self.uses_redis and s.redis_url:
             self.redis = RedisStore(s.redis_url, timeout=s.redis_timeout_seconds)
         # The relay publishes on a connection of its own. On the commands' connection each pass

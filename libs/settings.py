@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     context_ttl_seconds: float = 30.0
 
     events_duplicate_window_seconds: float = 120.0
+    stream_replicas: int = Field(
+        default=1, ge=1, le=5,
+        description="Servers of a NATS cluster that keep each stream (VGE_EVENTS and the dead letters): "
+        "3 on deploy/nats/nats-cluster.conf, 1 on a single server (which refuses more).",
+    )
     consumer_max_deliver: int = 5
     consumer_backoff_seconds: str = "0.2,1,5,15"
     outbox_batch_size: int = 500

@@ -1,0 +1,127 @@
+"""The event streams on a 3-node NATS cluster (deploy/nats/nats-cluster.conf): kept on three
+servers when the services say so (``VGE_STREAM_REPLICAS``), so losing one loses no event; a
+single server refuses more than one replica instead of running with less than asked."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import nats
+import nats.js.errors
+import pytest
+from nats.js import JetStreamContext
+
+from libs.jetstream import ensure_streams
+from libs.servers import NatsServer, free_port
+from libs.subjects import DEAD_LETTER_STREAM, EVENTS_STREAM
+
+STREAMS = (EVENTS_STREAM, DEAD_LETTER_STREAM)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    """Three nats-server processes routed into one JetStream cluster (a fresh one per test)."""
+    route_ports = [free_port() for _ in range(3)]
+    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
+    nodes = []
+    for i, port in enumerate(route_ports):
+        folder = tmp_path / f"nats-{i + 1}"
+        folder.mkdir()
+        conf = folder / "cluster.conf"
+        conf.write_text(f"cluster {{\n  name: vge-test\n  listen: 127.0.0.1:{port}\n  routes = [{routes}]\n}}\n")
+        nodes.append(NatsServer(folder, config_file=conf))
+    # started side by side: a node's JetStream answers only once a majority of them is up
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        list(pool.map(NatsServer.start, nodes))
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def _connect(nodes: list[NatsServer]) -> nats.NATS:
+    return await nats.connect(servers=[n.url for n in nodes if n.running], connect_timeout=2,
+                              max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+
+
+async def _replicated(js: JetStreamContext, stream: str, eventually: Any, replicas: int) -> None:
+    async def in_step() -> bool:
+        info = await js.stream_info(stream)
+        peers = (info.cluster and info.cluster.replicas) or []
+        return info.config.num_replicas == replicas and len(peers) == replicas - 1 and all(
+            p.current for p in peers)
+
+    await eventually(in_step, what=f"{stream} on {replicas} servers, all in step")
+
+
+async def test_a_service_keeps_the_streams_on_three_servers_and_losing_one_loses_no_event(
+    cluster, service_process, eventually
+):
+    audit = service_process("audit", VGE_NATS_URL=cluster[0].url, VGE_STREAM_REPLICAS="3")
+    await audit.healthy()
+    nc = await _connect(cluster)
+    try:
+        js = nc.jetstream()
+        for stream in STREAMS:
+            await _replicated(js, stream, eventually, 3)
+        subject = "vge.evt.replica-probe.payments.ticket.issued"
+        await js.publish(subject, b"before", headers={"Nats-Msg-Id": "replica-probe-1"})
+
+        leader = (await js.stream_info(EVENTS_STREAM)).cluster.leader
+        stopped = next(n for n in cluster if n.server_name == leader)
+        stopped.stop()
+        # the two left elect a new leader; a publish is acknowledged once both have it
+        ack = None
+        for _ in range(100):
+            try:
+                ack = await js.publish(subject, b"after", headers={"Nats-Msg-Id": "replica-probe-2"},
+                                       timeout=0.5)
+                break
+            except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError,
+                    nats.js.errors.ServiceUnavailableError):
+                continue
+        assert ack is not None, "no leader after losing one of three servers"
+        info = await js.stream_info(EVENTS_STREAM)
+        assert info.cluster.leader != leader
+        before = await js.get_last_msg(EVENTS_STREAM, subject)
+        assert before.data == b"after"
+        first = await js.get_msg(EVENTS_STREAM, ack.seq - 1)
+        assert first.data == b"before"  # written while the lost server led: kept by the others
+    finally:
+        await nc.close()
+
+
+async def test_a_service_raises_a_single_server_stream_to_three_and_never_lowers_it(cluster, eventually):
+    nc = await _connect(cluster)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)  # as deployed before the setting existed: one replica
+        assert (await js.stream_info(EVENTS_STREAM)).config.num_replicas == 1
+
+        await ensure_streams(js, replicas=3)
+        for stream in STREAMS:
+            await _replicated(js, stream, eventually, 3)
+
+        # a replica still on the old setting (a rolling deploy) starts: the streams stay on three
+        await ensure_streams(js, replicas=1)
+        for stream in STREAMS:
+            assert (await js.stream_info(stream)).config.num_replicas == 3
+    finally:
+        await nc.close()
+
+
+async def test_a_service_asking_a_single_server_for_three_replicas_does_not_start(service_process, nats_url):
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)  # the session's streams, as another service made them
+        audit = service_process("audit", VGE_STREAM_REPLICAS="3")
+        assert await audit.exited() != 0
+        assert "replicas > 1 not supported in non-clustered mode" in audit.log_text()
+        # and they were left as they were
+        assert (await js.stream_info(EVENTS_STREAM)).config.num_replicas == 1
+    finally:
+        await nc.close()
