@@ -33,7 +33,7 @@ from libs.nats_auth import connect_options
 from libs.outbox import OutboxRelay
 from libs.redis_store import RedisStore
 from libs.servers import bind_port
-from libs.settings import Settings
+from libs.settings import Settings, nats_servers
 from libs.commands import CommandRouter, flush_in_order
 
 __all__ = ["ServiceRuntime", "MissingConfiguration", "run_service", "watch_gc_pauses", "watch_loop_lag"]
@@ -400,7 +400,7 @@ class ServiceRuntime:
             self.log.info("nats_reconnected", connection=name)
 
         return await nats.connect(
-            s.nats_url,
+            nats_servers(s.nats_url),
             name=name,
             **connect_options(s.nats_user, s.nats_password),
             max_reconnect_attempts=-1,  # a service outlives a NATS restart

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["Settings", "get_settings", "nats_servers"]
 
 
 class Settings(BaseSettings):
@@ -21,7 +21,12 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    nats_url: str | None = None
+    nats_url: str | None = Field(
+        default=None,
+        description="One NATS server, or a cluster's servers comma-separated "
+        "(nats://nats-1:4222,nats://nats-2:4222,nats://nats-3:4222): a process then starts while "
+        "any one of them answers, not only the first.",
+    )
     # this process's NATS login (deploy/nats: one user per service; `vge up` sets both)
     nats_user: str | None = None
     nats_password: str | None = None
@@ -117,3 +122,9 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read once from the environment."""
     return Settings()
+
+
+def nats_servers(url: str) -> list[str]:
+    """The servers of a ``nats_url`` (comma-separated for a cluster), for ``nats.connect``: it
+    takes a list, and reads a string as one server."""
+    return [u.strip() for u in url.split(",") if u.strip()]

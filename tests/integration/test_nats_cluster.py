@@ -1,6 +1,8 @@
-"""The event streams on a 3-node NATS cluster (deploy/nats/nats-cluster.conf): kept on three
-servers when the services say so (``VGE_STREAM_REPLICAS``), so losing one loses no event; a
-single server refuses more than one replica instead of running with less than asked."""
+"""Services on a 3-node NATS cluster (deploy/nats/nats-cluster.conf): the event streams are kept
+on three servers when the services say so (``VGE_STREAM_REPLICAS``), so losing one loses no
+event, and a single server refuses more than one replica instead of running with less than
+asked; a service given the cluster's servers (``VGE_NATS_URL``, comma-separated) starts while
+any one of them answers."""
 
 from __future__ import annotations
 
@@ -123,5 +125,22 @@ async def test_a_service_asking_a_single_server_for_three_replicas_does_not_star
         assert "replicas > 1 not supported in non-clustered mode" in audit.log_text()
         # and they were left as they were
         assert (await js.stream_info(EVENTS_STREAM)).config.num_replicas == 1
+    finally:
+        await nc.close()
+
+
+async def test_a_service_given_the_clusters_servers_starts_while_the_first_is_down(
+    cluster, service_process, eventually
+):
+    cluster[0].stop()
+    servers = ",".join(f"nats://127.0.0.1:{n.port}" for n in cluster)
+    audit = service_process("audit", VGE_NATS_URL=servers, VGE_STREAM_REPLICAS="3")
+    await audit.healthy()
+    nc = await _connect(cluster)
+    try:  # it reached the cluster through the others: its streams and its consumer are there
+        js = nc.jetstream()
+        for stream in STREAMS:
+            assert (await js.stream_info(stream)).config.num_replicas == 3
+        assert (await js.consumer_info(EVENTS_STREAM, "audit")).config.durable_name == "audit"
     finally:
         await nc.close()
