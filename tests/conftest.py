@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -24,7 +25,7 @@ from libs.context import ContextSigner, generate_key_pair, load_private_key
 from libs.db import create_pool, service_dsn
 from libs.log import configure_logging
 from libs.migrations import migrate
-from libs.servers import resolve_server_urls
+from libs.servers import NatsServer, free_port, resolve_server_urls
 from libs.service_process import ServiceProcess
 from libs.runtime import ServiceRuntime
 from libs.settings import Settings
@@ -46,6 +47,29 @@ def server_urls() -> Iterator[dict[str, str]]:
         if started is not None:
             started.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
+    """Three nats-server processes routed into one JetStream cluster (a fresh one per test)."""
+    route_ports = [free_port() for _ in range(3)]
+    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
+    nodes = []
+    for i, port in enumerate(route_ports):
+        folder = tmp_path / f"nats-{i + 1}"
+        folder.mkdir()
+        conf = folder / "cluster.conf"
+        conf.write_text(f"max_payload: 8MB\ncluster {{\n  name: vge-test\n  listen: 127.0.0.1:{port}\n"
+                        f"  routes = [{routes}]\n}}\n")  # as deploy/nats/nats-cluster.conf
+        nodes.append(NatsServer(folder, config_file=conf))
+    # started side by side: a node's JetStream answers only once a majority of them is up
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        list(pool.map(NatsServer.start, nodes))
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 @pytest.fixture(scope="session")

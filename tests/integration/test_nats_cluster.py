@@ -6,42 +6,17 @@ any one of them answers."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import nats
 import nats.js.errors
-import pytest
 from nats.js import JetStreamContext
 
 from libs.jetstream import ensure_streams
-from libs.servers import NatsServer, free_port
+from libs.servers import NatsServer
 from libs.subjects import DEAD_LETTER_STREAM, EVENTS_STREAM
 
 STREAMS = (EVENTS_STREAM, DEAD_LETTER_STREAM)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
-    """Three nats-server processes routed into one JetStream cluster (a fresh one per test)."""
-    route_ports = [free_port() for _ in range(3)]
-    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
-    nodes = []
-    for i, port in enumerate(route_ports):
-        folder = tmp_path / f"nats-{i + 1}"
-        folder.mkdir()
-        conf = folder / "cluster.conf"
-        conf.write_text(f"cluster {{\n  name: vge-test\n  listen: 127.0.0.1:{port}\n  routes = [{routes}]\n}}\n")
-        nodes.append(NatsServer(folder, config_file=conf))
-    # started side by side: a node's JetStream answers only once a majority of them is up
-    with ThreadPoolExecutor(len(nodes)) as pool:
-        list(pool.map(NatsServer.start, nodes))
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            node.stop()
 
 
 async def _connect(nodes: list[NatsServer]) -> nats.NATS:
@@ -60,11 +35,11 @@ async def _replicated(js: JetStreamContext, stream: str, eventually: Any, replic
 
 
 async def test_a_service_keeps_the_streams_on_three_servers_and_losing_one_loses_no_event(
-    cluster, service_process, eventually
+    nats_cluster, service_process, eventually
 ):
-    audit = service_process("audit", VGE_NATS_URL=cluster[0].url, VGE_STREAM_REPLICAS="3")
+    audit = service_process("audit", VGE_NATS_URL=nats_cluster[0].url, VGE_STREAM_REPLICAS="3")
     await audit.healthy()
-    nc = await _connect(cluster)
+    nc = await _connect(nats_cluster)
     try:
         js = nc.jetstream()
         for stream in STREAMS:
@@ -73,7 +48,7 @@ async def test_a_service_keeps_the_streams_on_three_servers_and_losing_one_loses
         await js.publish(subject, b"before", headers={"Nats-Msg-Id": "replica-probe-1"})
 
         leader = (await js.stream_info(EVENTS_STREAM)).cluster.leader
-        stopped = next(n for n in cluster if n.server_name == leader)
+        stopped = next(n for n in nats_cluster if n.server_name == leader)
         stopped.stop()
         # the two left elect a new leader; a publish is acknowledged once both have it
         ack = None
@@ -96,8 +71,8 @@ async def test_a_service_keeps_the_streams_on_three_servers_and_losing_one_loses
         await nc.close()
 
 
-async def test_a_service_raises_a_single_server_stream_to_three_and_never_lowers_it(cluster, eventually):
-    nc = await _connect(cluster)
+async def test_a_service_raises_a_single_server_stream_to_three_and_never_lowers_it(nats_cluster, eventually):
+    nc = await _connect(nats_cluster)
     try:
         js = nc.jetstream()
         await ensure_streams(js)  # as deployed before the setting existed: one replica
@@ -130,13 +105,13 @@ async def test_a_service_asking_a_single_server_for_three_replicas_does_not_star
 
 
 async def test_a_service_given_the_clusters_servers_starts_while_the_first_is_down(
-    cluster, service_process, eventually
+    nats_cluster, service_process, eventually
 ):
-    cluster[0].stop()
-    servers = ",".join(f"nats://127.0.0.1:{n.port}" for n in cluster)
+    nats_cluster[0].stop()
+    servers = ",".join(f"nats://127.0.0.1:{n.port}" for n in nats_cluster)
     audit = service_process("audit", VGE_NATS_URL=servers, VGE_STREAM_REPLICAS="3")
     await audit.healthy()
-    nc = await _connect(cluster)
+    nc = await _connect(nats_cluster)
     try:  # it reached the cluster through the others: its streams and its consumer are there
         js = nc.jetstream()
         for stream in STREAMS:

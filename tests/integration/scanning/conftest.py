@@ -115,13 +115,17 @@ async def scanning(start_service):
 
 
 @pytest.fixture
-async def seed(nc, commands, admin_dsn):
+async def seed(nc, commands, signer, admin_dsn):
     """``await seed(tickets=..., reentry=..., ...)``: a fresh tenant with an event and tickets
-    (needs a running scanning service to apply them)."""
+    (needs a running scanning service to apply them). ``via=`` another NATS connection (a
+    cluster's, say) publishes them and sends the venue's commands there."""
     js = nc.jetstream()
     await ensure_streams(js)
 
-    async def make(*, database_url: str | None = None, **kwargs: Any) -> Venue:
+    async def make(*, database_url: str | None = None, via: Any = None, **kwargs: Any) -> Venue:
+        if via is not None:
+            return await seed_venue(via.jetstream(), CommandClient(via, signer), database_url or admin_dsn,
+                                    **kwargs)
         return await seed_venue(js, commands, database_url or admin_dsn, **kwargs)
 
     return make

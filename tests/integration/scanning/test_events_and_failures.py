@@ -1,9 +1,12 @@
 """Events through the outbox (exactly one scan.accepted per accepted scan, also across a
-SIGKILL), coalesced occupancy.changed, and the degraded modes."""
+SIGKILL of the service or of the NATS node leading the stream), coalesced occupancy.changed,
+and the degraded modes."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from pathlib import Path
 
 import asyncpg
@@ -215,3 +218,62 @@ async def test_sigkill_mid_load_loses_and_duplicates_no_event(seed, nc, service_
     ids = [str(ScanAccepted.from_envelope(e).scan_id) for e in events]
     assert len(ids) == len(set(ids)) == 600
     assert set(ids) == accepted
+
+
+async def test_losing_the_nats_node_leading_the_stream_mid_load_loses_and_duplicates_no_event(
+    nats_cluster, service_process, seed, admin_dsn
+):
+    # a 3-node cluster (deploy/nats/nats-cluster.conf) with the streams on three nodes, and the
+    # node leading VGE_EVENTS killed in the middle of a load
+    tickets, devices = 400, 16
+    servers = [f"nats://127.0.0.1:{n.port}" for n in nats_cluster]
+    scanning = service_process("scanning", VGE_NATS_URL=",".join(servers), VGE_STREAM_REPLICAS="3",
+                               VGE_LOG_LEVEL="WARNING")
+    await scanning.healthy()
+    nc = await nats.connect(servers=servers, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        js = nc.jetstream()
+        v = await seed(tickets=tickets, via=nc)
+        replies = []
+
+        async def device(n: int) -> None:
+            for i, code in enumerate(v.tickets[n::devices]):
+                nonce = f"dev{n}-{i}"
+                while True:  # a gate retries an unanswered scan with the same nonce
+                    try:
+                        replies.append(await v.scan(code, dev=n, nonce=nonce))
+                        break
+                    except Unavailable:
+                        pass
+
+        load = asyncio.gather(*(device(n) for n in range(devices)))
+        async with asyncio.timeout(30):
+            while len(replies) < 100:
+                await asyncio.sleep(0.005)
+        leader = (await js.stream_info(EVENTS_STREAM)).cluster.leader
+        lost = next(node for node in nats_cluster if node.server_name == leader)
+        os.kill(lost.pid, signal.SIGKILL)
+        lost_after = len(replies)
+        async with asyncio.timeout(60):
+            await load
+
+        assert lost_after < tickets  # the node was lost in the middle of the load
+        assert len(replies) == tickets and {r.result for r in replies} == {"accepted"}
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            accepted = {str(r[0]) for r in await conn.fetch(
+                "SELECT scan_id FROM scanning.scans WHERE organization_id = $1 AND result = 'accepted'",
+                v.org)}
+            unpublished = "SELECT count(*) FROM scanning.outbox_unpublished WHERE organization_id = $1"
+            async with asyncio.timeout(30):  # the relay gets through once a new leader is elected
+                while await conn.fetchval(unpublished, v.org):
+                    await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+        assert accepted == {str(r.scan_id) for r in replies}  # one admission per ticket
+        events = await _events(js, f"vge.evt.{v.org}.scanning.scan.accepted", expect=tickets)
+        ids = [str(ScanAccepted.from_envelope(e).scan_id) for e in events]
+        assert len(ids) == len(set(ids)) == tickets
+        assert set(ids) == accepted
+    finally:
+        await nc.close()
