@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from libs.actor import Actor, ActorType, Role
 from libs.commands import CommandClient
+from libs.context import ContextSigner
 from libs.envelope import Envelope
 from libs.jetstream import ensure_streams
 from libs.subjects import EVENTS_STREAM
@@ -157,3 +158,9 @@ async def bench(nc: NATS, audit_db: asyncpg.Pool, commands: CommandClient, event
     js = nc.jetstream()
     await ensure_streams(js)
     return AuditBench(js, audit_db, commands, eventually)
+
+
+@pytest.fixture
+def bench_via(audit_db: asyncpg.Pool, signer: ContextSigner, eventually) -> Callable[[NATS], AuditBench]:
+    """``bench_via(nc)``: the same hands through another NATS connection (a cluster's, say)."""
+    return lambda nc: AuditBench(nc.jetstream(), audit_db, CommandClient(nc, signer), eventually)

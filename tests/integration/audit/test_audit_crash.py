@@ -1,10 +1,19 @@
-"""The audit service killed (SIGKILL) in the middle of a stream of events and started again:
-still exactly one record per event, no gaps, and the chain verifies."""
+"""The audit service killed (SIGKILL) in the middle of a stream of events and started again, or
+the NATS node leading its consumer killed: still exactly one record per event, no gaps, and the
+chain verifies."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
+
+import nats
+import nats.errors
+
+from libs.subjects import EVENTS_STREAM
+from services.audit.bootstrap import DURABLE as AUDIT_DURABLE
 
 N = 1500
 
@@ -44,3 +53,58 @@ async def test_killed_mid_stream_and_restarted_records_every_event_once(bench, s
     assert set(await bench.event_ids(org)) == {e.event_id for e in events}
     verified = await bench.verify(org)
     assert (verified["ok"], verified["records_checked"]) == (True, N)
+
+
+async def test_losing_the_nats_node_leading_its_consumer_loses_and_duplicates_no_record(
+    nats_cluster, service_process, bench_via
+):
+    # a 3-node cluster (deploy/nats/nats-cluster.conf), the streams and the audit consumer on
+    # three nodes; the node leading the consumer is killed while events flow
+    servers = [f"nats://127.0.0.1:{n.port}" for n in nats_cluster]
+    audit = service_process("audit", VGE_NATS_URL=",".join(servers), VGE_STREAM_REPLICAS="3",
+                            VGE_LOG_LEVEL="WARNING")
+    await audit.healthy()
+    nc = await nats.connect(servers=servers, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        js = nc.jetstream()
+        bench = bench_via(nc)
+        org = uuid.uuid4()
+        n = 900
+        events = [bench.sample_event(org, i) for i in range(n)]
+
+        async def publish_steadily() -> int:
+            last = 0
+            for i in range(0, n, 30):
+                while True:  # a producer retries (the same message ids) until JetStream has them
+                    try:
+                        last = await bench.publish(events[i : i + 30])
+                        break
+                    except nats.errors.Error:
+                        await asyncio.sleep(0.1)
+                await asyncio.sleep(0.02)
+            return last
+
+        publishing = asyncio.create_task(publish_steadily())
+
+        async def some_recorded() -> bool:
+            return (await bench.stats(org)).count >= 200
+
+        await bench.eventually(some_recorded, timeout=30, what="200 records before the node is lost")
+        leader = (await js.consumer_info(EVENTS_STREAM, AUDIT_DURABLE)).cluster.leader
+        lost = next(node for node in nats_cluster if node.server_name == leader)
+        os.kill(lost.pid, signal.SIGKILL)
+        at_loss = (await bench.stats(org)).count
+        assert not publishing.done(), "events should still be flowing when the node is lost"
+        assert 0 < at_loss < n
+        last = await publishing
+
+        await bench.wait_for_records(org, n, timeout=40)
+        await bench.wait_consumed(last, timeout=40)
+        stats = await bench.stats(org)
+        assert (stats.count, stats.distinct_events) == (n, n)
+        assert (stats.min_seq, stats.max_seq, stats.head_seq) == (1, n, n)
+        assert (await js.consumer_info(EVENTS_STREAM, AUDIT_DURABLE)).cluster.leader != leader
+        verified = await bench.verify(org)
+        assert (verified["ok"], verified["records_checked"]) == (True, n)
+    finally:
+        await nc.close()
