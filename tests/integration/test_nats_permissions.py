@@ -180,6 +180,17 @@ async def test_a_service_publishes_its_own_events_and_no_one_elses(login):
     assert last.subject == f"vge.evt.{org}.scanning.scan.accepted"
 
 
+@pytest.mark.parametrize("user", ["gateway", "scanning", "payments", "audit"])
+async def test_every_service_can_bring_the_streams_to_its_settings(login, user: str):
+    # a changed setting (a duplicate window here; a replica count on a cluster) is an update,
+    # which reads the stream's replica count first: it must not be refused to any service
+    js = (await login(user)).nc.jetstream(timeout=2)
+    await ensure_streams(js, duplicate_window=60.0)
+    await ensure_streams(js)
+    for stream in (EVENTS_STREAM, DEAD_LETTER_STREAM):
+        assert (await js.stream_info(stream)).config.duplicate_window == 120.0
+
+
 async def test_a_service_reads_only_through_its_own_consumers(login):
     scanning = await login("scanning")
     js = scanning.nc.jetstream(timeout=1)
