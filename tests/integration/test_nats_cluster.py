@@ -6,6 +6,11 @@ any one of them answers."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -13,10 +18,12 @@ import nats.js.errors
 from nats.js import JetStreamContext
 
 from libs.jetstream import ensure_streams
-from libs.servers import NatsServer
+from libs.nats_auth import ADMIN, USERS, connect_options, generate_passwords, password_variable
+from libs.servers import NatsServer, _nats_binary, free_port
 from libs.subjects import DEAD_LETTER_STREAM, EVENTS_STREAM
 
 STREAMS = (EVENTS_STREAM, DEAD_LETTER_STREAM)
+DEPLOY = Path(__file__).parents[2] / "deploy" / "nats"
 
 
 async def _connect(nodes: list[NatsServer]) -> nats.NATS:
@@ -119,3 +126,73 @@ async def test_a_service_given_the_clusters_servers_starts_while_the_first_is_do
         assert (await js.consumer_info(EVENTS_STREAM, "audit")).config.durable_name == "audit"
     finally:
         await nc.close()
+
+
+async def test_the_deploy_cluster_config_forms_a_cluster_the_services_run_on(tmp_path, service_process):
+    # deploy/nats/nats-cluster.conf itself, three nodes on this machine: the routes log in with
+    # the route password, the users and permissions are auth.conf's, and a service on its own
+    # user keeps the streams on three nodes. Only what must differ on one machine differs: the
+    # ports (on the command line) and the storage folder.
+    passwords = generate_passwords()
+    route_ports = [free_port() for _ in range(3)]
+    client_ports = [free_port() for _ in range(3)]
+    routes = ", ".join(f"nats-route://route:route-secret@127.0.0.1:{p}" for p in route_ports)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VGE_")}
+    env.update({password_variable(user): passwords[user] for user in USERS},
+               VGE_NATS_ROUTE_PASSWORD="route-secret", VGE_NATS_ROUTES=f"[{routes}]")
+    nodes = []
+    try:
+        for i in range(3):
+            folder = tmp_path / f"nats-{i + 1}"
+            folder.mkdir()
+            # the files as deployed, but for the storage folder (nats-server takes no -sd beside
+            # a store_dir in the file)
+            conf = (DEPLOY / "nats-cluster.conf").read_text()
+            assert conf.count("store_dir: /data/jetstream") == 1
+            (folder / "nats-cluster.conf").write_text(
+                conf.replace("store_dir: /data/jetstream", f"store_dir: {folder / 'jetstream'}"))
+            shutil.copy(DEPLOY / "auth.conf", folder)
+            nodes.append(subprocess.Popen(
+                [_nats_binary(), "-c", str(folder / "nats-cluster.conf"), "-a", "127.0.0.1",
+                 "-p", str(client_ports[i]), "-m", str(free_port()),
+                 "--cluster", f"nats://127.0.0.1:{route_ports[i]}"],
+                env={**env, "VGE_NATS_SERVER_NAME": f"nats-{i + 1}"},
+                stdout=(folder / "nats.log").open("w"), stderr=subprocess.STDOUT,
+            ))
+        servers = [f"nats://127.0.0.1:{p}" for p in client_ports]
+        admin = await _logged_in(servers, ADMIN, passwords[ADMIN])
+        try:
+            # JetStream answers once the nodes found each other through the authenticated routes
+            async with asyncio.timeout(30):
+                while True:
+                    try:
+                        await admin.jetstream().account_info()
+                        break
+                    except (nats.errors.Error, nats.js.errors.Error):
+                        await asyncio.sleep(0.2)
+
+            scanning = service_process("scanning", VGE_NATS_URL=",".join(servers), VGE_STREAM_REPLICAS="3",
+                                       VGE_NATS_USER="scanning", VGE_NATS_PASSWORD=passwords["scanning"])
+            await scanning.healthy()
+            js = admin.jetstream()
+            for stream in STREAMS:
+                info = await js.stream_info(stream)
+                assert info.config.num_replicas == 3
+                assert {info.cluster.leader, *(p.name for p in info.cluster.replicas)} == {
+                    "nats-1", "nats-2", "nats-3"}
+        finally:
+            await admin.close()
+    finally:
+        for node in nodes:
+            node.kill()
+            node.wait()
+
+
+async def _logged_in(servers: list[str], user: str, password: str) -> nats.NATS:
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                return await nats.connect(servers=servers, connect_timeout=1, allow_reconnect=False,
+                                          **connect_options(user, password))
+            except (OSError, nats.errors.Error):
+                await asyncio.sleep(0.2)
