@@ -76,6 +76,27 @@ def up(
         stack.stop()
 
 
+@app.command("secrets")
+def print_secrets() -> None:
+    """Fresh secrets for a deployment, as .env lines (`vge secrets > .env` beside
+    docker-compose.yml): the command-context key pair, a NATS password per user, the services'
+    database role password and the cluster's route password."""
+    from libs.context import generate_key_pair
+    from libs.nats_auth import USERS, generate_password, password_variable
+
+    private, public = generate_key_pair()
+    typer.echo("\n".join([
+        "# the gateway signs every command's context with the private key; services verify with the public",
+        f"VGE_CONTEXT_PRIVATE_KEY={private}",
+        f"VGE_CONTEXT_PUBLIC_KEYS={public}",
+        "# one NATS login per service, and the operator's (admin): deploy/nats/auth.conf",
+        *(f"{password_variable(user)}={generate_password()}" for user in USERS),
+        f"VGE_DB_ROLE_PASSWORD={generate_password()}",
+        "# only for the 3-node cluster (deploy/nats/nats-cluster.conf)",
+        f"VGE_NATS_ROUTE_PASSWORD={generate_password()}",
+    ]))  # fmt: skip
+
+
 audit = typer.Typer(help="The audit log.", no_args_is_help=True)
 app.add_typer(audit, name="audit")
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import string
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -53,6 +54,7 @@ __all__ = [
     "USERS",
     "Permissions",
     "connect_options",
+    "generate_password",
     "generate_passwords",
     "inbox_prefix",
     "password_variable",
@@ -84,6 +86,7 @@ _GATEWAY_FOLLOWS = (event("*", "scanning", "occupancy.changed"),)
 
 # generated passwords are URL-safe base64; a config string must not need escaping
 _PASSWORD = re.compile(r"[A-Za-z0-9_\-.~+/=]{12,200}")
+_PASSWORD_ALPHABET = string.ascii_letters + string.digits
 
 
 @dataclass(frozen=True)
@@ -194,9 +197,23 @@ def render_authorization(
     return "\n".join(lines) + "\n"
 
 
+def generate_password(length: int = 32) -> str:
+    """A random password (~190 bits) that nats-server reads back unchanged from an environment
+    variable: letters and digits, starting with a letter.
+
+    Why so narrow: the deploy configs take the passwords as ``$VGE_NATS_PASSWORD_<USER>``, and
+    nats-server parses a variable's value as a config value. One that starts with ``-`` (a
+    number) or with digits and a ``-`` (a date), as ``secrets.token_urlsafe`` makes about one
+    time in 75, stops the server from starting ("could not be parsed")."""
+    return secrets.choice(string.ascii_letters) + "".join(
+        secrets.choice(_PASSWORD_ALPHABET) for _ in range(length - 1)
+    )
+
+
 def generate_passwords() -> dict[str, str]:
-    """A fresh random password for every user (the launcher keeps them in its data folder)."""
-    return {user: secrets.token_urlsafe(24) for user in USERS}
+    """A fresh random password for every user (the launcher keeps them in its data folder;
+    ``vge secrets`` prints them for a deployment)."""
+    return {user: generate_password() for user in USERS}
 
 
 def connect_options(user: str | None, password: str | None) -> dict[str, Any]:

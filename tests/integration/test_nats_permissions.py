@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,11 +25,11 @@ from pydantic import BaseModel
 
 from libs.actor import Actor, ActorType, Role
 from libs.commands import CommandClient, CommandRouter, flush_in_order
-from libs.context import ContextSigner, ContextVerifier, load_public_keys
+from libs.context import ContextSigner, ContextVerifier, load_private_key, load_public_keys
 from libs.contracts.catalog import EventCreated, TicketIssued, TicketTypeInfo
 from libs.envelope import Envelope
 from libs.jetstream import DLQ_SUBJECT_HEADER, ensure_streams
-from libs.nats_auth import USERS, connect_options, generate_passwords, password_variable
+from libs.nats_auth import USERS, connect_options, generate_password, generate_passwords, password_variable
 from libs.servers import NatsServer, _nats_binary
 from libs.subjects import DEAD_LETTER_STREAM, EVENTS_STREAM
 from services.audit.bootstrap import build as build_audit
@@ -348,3 +349,34 @@ def test_the_deploy_configs_are_valid_and_need_every_password(conf: str):
     del env[password_variable("audit")]
     missing = _check_config(DEPLOY / conf, env)
     assert missing.returncode != 0 and password_variable("audit") in missing.stderr
+
+
+def test_vge_secrets_makes_a_deployment_the_deploy_configs_and_the_services_accept():
+    out = subprocess.run([sys.executable, "-m", "libs.cli", "secrets"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    secrets = dict(line.split("=", 1) for line in out.splitlines() if line and not line.startswith("#"))
+    assert set(secrets) == {"VGE_CONTEXT_PRIVATE_KEY", "VGE_CONTEXT_PUBLIC_KEYS", "VGE_DB_ROLE_PASSWORD",
+                            "VGE_NATS_ROUTE_PASSWORD", *(password_variable(u) for u in USERS)}
+    # the pair signs and verifies
+    signer = ContextSigner(load_private_key(secrets["VGE_CONTEXT_PRIVATE_KEY"]))
+    org = uuid.uuid4()
+    _, header = signer.issue(_device(org), org, "vge.cmd.scanning.scan", "c")
+    verifier = ContextVerifier(load_public_keys(secrets["VGE_CONTEXT_PUBLIC_KEYS"]))
+    assert verifier.verify(header, "vge.cmd.scanning.scan").correlation_id == "c"
+    # nats-server takes every password from the environment as it is
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VGE_")}
+    env.update(secrets, VGE_NATS_SERVER_NAME="nats-1",
+               VGE_NATS_ROUTES=f"[nats-route://route:{secrets['VGE_NATS_ROUTE_PASSWORD']}@nats-1:6222]")
+    for conf in ("nats.conf", "nats-cluster.conf"):
+        checked = _check_config(DEPLOY / conf, env)
+        assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.parametrize("password", ["-r4JKWtcSMlVMCRkIuJgvd1shE4Vb9RO", "7-GoIjyWDmrgFIht0av5Mq9u-62GecKs"])
+def test_a_password_nats_server_would_parse_as_a_number_or_a_date_stops_it(password: str):
+    # why generate_password makes letters and digits only (both drawn from token_urlsafe)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VGE_")}
+    env.update({password_variable(user): generate_password() for user in USERS})
+    env[password_variable("scanning")] = password
+    checked = _check_config(DEPLOY / "nats.conf", env)
+    assert checked.returncode != 0 and "could not be parsed" in checked.stderr + checked.stdout

@@ -4,6 +4,7 @@ listen where, and that deploy/nats holds exactly the rendered block."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from libs.nats_auth import (
     SERVICE_USERS,
     USERS,
     connect_options,
+    generate_password,
     generate_passwords,
     permissions,
     render_authorization,
@@ -193,3 +195,11 @@ def test_the_launcher_keeps_one_password_per_user_in_its_data_folder(tmp_path: P
         k: v for k, v in first.items() if k != "audit"
     }
     render_authorization(again)  # valid for the server
+
+
+def test_generated_passwords_are_letters_and_digits_starting_with_a_letter():
+    # what nats-server reads back unchanged from an environment variable (see generate_password)
+    drawn = [generate_password() for _ in range(2000)]
+    assert all(re.fullmatch(r"[A-Za-z][A-Za-z0-9]{31}", p) for p in drawn)
+    assert len(set(drawn)) == len(drawn)
+    assert all(re.fullmatch(r"[A-Za-z][A-Za-z0-9]{31}", p) for p in generate_passwords().values())
