@@ -13,7 +13,7 @@ import gc
 import signal
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import asyncpg
 import nats
@@ -152,6 +152,7 @@ class ServiceRuntime:
         self._consumers: list[EventConsumer] = []
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._on_reconnect: list[Callable[[], Awaitable[None]]] = []
         self._http_server: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._started_at = time.time()
@@ -175,6 +176,14 @@ class ServiceRuntime:
         """Run ``fn`` during shutdown, before the connections close."""
         self._on_stop.append(fn)
 
+    def on_reconnect(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn`` each time the commands' connection (``nc``) is back after a disconnect.
+        Core NATS messages published meanwhile never reach it (JetStream consumers catch up by
+        themselves): whatever follows live messages (a dashboard's feed, a cache kept fresh by
+        broadcasts) must catch up here. ``fn`` should be quick: it runs inside nats-py's
+        reconnect."""
+        self._on_reconnect.append(fn)
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -186,7 +195,7 @@ class ServiceRuntime:
         )
         dsn = s.service_database_url or service_dsn(s.database_url, self.name, s.db_role_password)
         self.pool = await create_pool(dsn, schema=self.name, min_size=2, max_size=20)
-        self.nc = await self._connect_nats(f"vge-{self.name}")
+        self.nc = await self._connect_nats(f"vge-{self.name}", catch_up=self._on_reconnect)
         self.js = self.nc.jetstream()
         await ensure_streams(self.js, duplicate_window=s.events_duplicate_window_seconds,
                              replicas=s.stream_replicas)
@@ -382,7 +391,8 @@ class ServiceRuntime:
 
     # -- NATS connections ----------------------------------------------------------------------
 
-    async def _connect_nats(self, name: str) -> NATS:
+    async def _connect_nats(self, name: str, *,
+                            catch_up: Sequence[Callable[[], Awaitable[None]]] = ()) -> NATS:
         s = self.settings
         assert s.nats_url
 
@@ -398,6 +408,11 @@ class ServiceRuntime:
 
         async def reconnected() -> None:
             self.log.info("nats_reconnected", connection=name)
+            for fn in catch_up:
+                try:
+                    await fn()
+                except Exception:  # noqa: BLE001 - one hook's failure must not end the others
+                    self.log.exception("reconnect_hook_failed", connection=name, hook=repr(fn))
 
         return await nats.connect(
             nats_servers(s.nats_url),

@@ -64,7 +64,7 @@ from libs.errors import (
 from libs.log import bound_correlation, get_logger
 from libs.policy import Action, Resource, authorize
 from libs.subjects import command
-from services.gateway.adapters.nats_feeds import OccupancyFeed
+from services.gateway.adapters.nats_feeds import RESYNC, OccupancyFeed
 from services.gateway.adapters.postgres import ApiKeyRecord, DeviceRecord, GatewayStore
 from services.gateway.adapters.redis_limits import RateLimiter
 from services.gateway.domain.idempotency import (
@@ -504,6 +504,7 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
             try:
                 yield {"event": "occupancy", "data": json.dumps(_occupancy_view(current))}
                 last = _instant(current.get("updated_at"))
+                behind = False  # a re-read after a reconnect failed: again at the next heartbeat
                 while True:
                     try:
                         change = await asyncio.wait_for(queue.get(), gw.heartbeat_seconds)
@@ -515,7 +516,19 @@ def install_routes(app: FastAPI, gw: Gateway) -> None:
                             yield {"event": "error",
                                    "data": json.dumps(_problem(exc, _correlation(request)))}  # fmt: skip
                             return
-                        continue
+                        if not behind:
+                            continue
+                        change = RESYNC
+                    if change is RESYNC:
+                        # this gateway's NATS connection was away and missed the changes
+                        # published meanwhile: read the current value again
+                        try:
+                            change = await ask(request, p, "scanning", "occupancy",
+                                               GetOccupancy(event_id=event_id))  # fmt: skip
+                        except DomainError:
+                            behind = True
+                            continue
+                        behind = False
                     at = _instant(change.get("updated_at"))
                     if last is not None and at is not None and at <= last:
                         continue  # already part of what this client has

@@ -86,7 +86,16 @@ def build(settings: Settings) -> ServiceRuntime:
             install_routes(app, gateway)
             routes_installed = True
 
+    async def catch_up() -> None:
+        # back from a disconnect: what was published meanwhile was missed, so dashboards read
+        # the current occupancy again and cached credentials go (a revocation broadcast)
+        gateway = runtime.components.get("gateway")
+        if gateway is not None:
+            await gateway.feed.resync()
+            await gateway.auth.forget_all()
+
     runtime.on_start(wire)
+    runtime.on_reconnect(catch_up)
     return runtime
 
 

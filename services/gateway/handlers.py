@@ -108,6 +108,11 @@ class Authenticator:
         raise Unauthenticated("an enrolment token is only good for /v1/devices/enrol",
                               reason="enrolment_token")  # fmt: skip
 
+    async def forget_all(self) -> None:
+        """Drop every cached principal: a revocation broadcast may have been missed (this
+        replica's NATS connection was away)."""
+        self._cache.clear()
+
     def forget(self, credential_id: str) -> None:
         """Drop every cached principal of ``credential_id`` (it was revoked or rolled)."""
         for digest, (principal, _) in list(self._cache.items()):

@@ -21,12 +21,15 @@ from libs.envelope import Envelope
 from libs.log import get_logger
 from libs.subjects import event as event_subject
 
-__all__ = ["OccupancyFeed", "RevocationBroadcast", "REVOCATION_SUBJECT"]
+__all__ = ["OccupancyFeed", "RevocationBroadcast", "REVOCATION_SUBJECT", "RESYNC"]
 
 log = get_logger(__name__)
 
 REVOCATION_SUBJECT = "vge.gw.credential.revoked"
 _QUEUE_SIZE = 32
+# put in every watcher's queue when the connection is back from a disconnect: the changes
+# published meanwhile were missed, so the watcher reads the current value again
+RESYNC: dict[str, Any] = {"resync": True}
 
 
 class OccupancyFeed:
@@ -66,6 +69,13 @@ class OccupancyFeed:
                 except Exception:  # noqa: BLE001 - the connection may be closing
                     pass
 
+    async def resync(self) -> None:
+        """Tell every watcher to read the current value again (see ``RESYNC``)."""
+        for watchers in self._watchers.values():
+            for queues in watchers.values():
+                for queue in queues:
+                    _put_latest(queue, RESYNC)
+
     @property
     def watching(self) -> int:
         """How many client queues are open (for metrics and tests)."""
@@ -79,9 +89,13 @@ class OccupancyFeed:
             log.warning("occupancy_event_unreadable", error=repr(exc))
             return
         for queue in list(self._watchers.get(envelope.org_id, {}).get(event_id, ())):
-            if queue.full():  # a slow client gets the latest values, not a growing backlog
-                queue.get_nowait()
-            queue.put_nowait(envelope.data)
+            _put_latest(queue, envelope.data)
+
+
+def _put_latest(queue: asyncio.Queue[dict[str, Any]], item: dict[str, Any]) -> None:
+    if queue.full():  # a slow client gets the latest values, not a growing backlog
+        queue.get_nowait()
+    queue.put_nowait(item)
 
 
 class RevocationBroadcast:
