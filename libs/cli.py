@@ -177,7 +177,8 @@ def _with_jetstream(data_dir: Path | None, work: Callable[[Any], Awaitable[None]
         raise typer.Exit(2)
 
     async def run() -> None:
-        nc = await nats.connect(nats_servers(env["VGE_NATS_URL"]), connect_timeout=5, max_reconnect_attempts=0,
+        nc = await nats.connect(nats_servers(env["VGE_NATS_URL"]), connect_timeout=5,
+                                max_reconnect_attempts=0,
                                 **connect_options(env.get("VGE_NATS_USER"), env.get("VGE_NATS_PASSWORD")))
         try:
             await work(nc.jetstream())
