@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -49,9 +50,35 @@ def server_urls() -> Iterator[dict[str, str]]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+@dataclass
+class NatsCluster:
+    """Three nats-server processes routed into one JetStream cluster (fixture ``nats_cluster``)."""
+
+    nodes: list[NatsServer]
+
+    @property
+    def url(self) -> str:
+        """``VGE_NATS_URL`` naming all three nodes."""
+        return ",".join(f"nats://127.0.0.1:{n.port}" for n in self.nodes)
+
+    @property
+    def service_env(self) -> dict[str, str]:
+        """A service's settings on this cluster: all three nodes, the streams on three."""
+        return {"VGE_NATS_URL": self.url, "VGE_STREAM_REPLICAS": "3"}
+
+    async def connect(self) -> NATS:
+        """A client connection to whichever node answers, reconnecting when one is lost."""
+        return await nats.connect(servers=[f"nats://127.0.0.1:{n.port}" for n in self.nodes if n.running],
+                                  connect_timeout=2, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+
+    def node(self, server_name: str) -> NatsServer:
+        """The node JetStream calls ``server_name`` (a stream's or consumer's leader, say)."""
+        return next(n for n in self.nodes if n.server_name == server_name)
+
+
 @pytest.fixture
-def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
-    """Three nats-server processes routed into one JetStream cluster (a fresh one per test)."""
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A fresh 3-node cluster for the test (as deploy/nats/nats-cluster.conf, without logins)."""
     route_ports = [free_port() for _ in range(3)]
     routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
     nodes = []
@@ -60,13 +87,13 @@ def nats_cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
         folder.mkdir()
         conf = folder / "cluster.conf"
         conf.write_text(f"max_payload: 8MB\ncluster {{\n  name: vge-test\n  listen: 127.0.0.1:{port}\n"
-                        f"  routes = [{routes}]\n}}\n")  # as deploy/nats/nats-cluster.conf
+                        f"  routes = [{routes}]\n}}\n")
         nodes.append(NatsServer(folder, config_file=conf))
     # started side by side: a node's JetStream answers only once a majority of them is up
     with ThreadPoolExecutor(len(nodes)) as pool:
         list(pool.map(NatsServer.start, nodes))
     try:
-        yield nodes
+        yield NatsCluster(nodes)
     finally:
         for node in nodes:
             node.stop()

@@ -19,16 +19,11 @@ from nats.js import JetStreamContext
 
 from libs.jetstream import ensure_streams
 from libs.nats_auth import ADMIN, USERS, connect_options, generate_passwords, password_variable
-from libs.servers import NatsServer, _nats_binary, free_port
+from libs.servers import _nats_binary, free_port
 from libs.subjects import DEAD_LETTER_STREAM, EVENTS_STREAM
 
 STREAMS = (EVENTS_STREAM, DEAD_LETTER_STREAM)
 DEPLOY = Path(__file__).parents[2] / "deploy" / "nats"
-
-
-async def _connect(nodes: list[NatsServer]) -> nats.NATS:
-    return await nats.connect(servers=[n.url for n in nodes if n.running], connect_timeout=2,
-                              max_reconnect_attempts=-1, reconnect_time_wait=0.2)
 
 
 async def _replicated(js: JetStreamContext, stream: str, eventually: Any, replicas: int) -> None:
@@ -44,9 +39,9 @@ async def _replicated(js: JetStreamContext, stream: str, eventually: Any, replic
 async def test_a_service_keeps_the_streams_on_three_servers_and_losing_one_loses_no_event(
     nats_cluster, service_process, eventually
 ):
-    audit = service_process("audit", VGE_NATS_URL=nats_cluster[0].url, VGE_STREAM_REPLICAS="3")
+    audit = service_process("audit", VGE_NATS_URL=nats_cluster.nodes[0].url, VGE_STREAM_REPLICAS="3")
     await audit.healthy()
-    nc = await _connect(nats_cluster)
+    nc = await nats_cluster.connect()
     try:
         js = nc.jetstream()
         for stream in STREAMS:
@@ -55,7 +50,7 @@ async def test_a_service_keeps_the_streams_on_three_servers_and_losing_one_loses
         await js.publish(subject, b"before", headers={"Nats-Msg-Id": "replica-probe-1"})
 
         leader = (await js.stream_info(EVENTS_STREAM)).cluster.leader
-        stopped = next(n for n in nats_cluster if n.server_name == leader)
+        stopped = nats_cluster.node(leader)
         stopped.stop()
         # the two left elect a new leader; a publish is acknowledged once both have it
         ack = None
@@ -79,7 +74,7 @@ async def test_a_service_keeps_the_streams_on_three_servers_and_losing_one_loses
 
 
 async def test_a_service_raises_a_single_server_stream_to_three_and_never_lowers_it(nats_cluster, eventually):
-    nc = await _connect(nats_cluster)
+    nc = await nats_cluster.connect()
     try:
         js = nc.jetstream()
         await ensure_streams(js)  # as deployed before the setting existed: one replica
@@ -114,11 +109,10 @@ async def test_a_service_asking_a_single_server_for_three_replicas_does_not_star
 async def test_a_service_given_the_clusters_servers_starts_while_the_first_is_down(
     nats_cluster, service_process, eventually
 ):
-    nats_cluster[0].stop()
-    servers = ",".join(f"nats://127.0.0.1:{n.port}" for n in nats_cluster)
-    audit = service_process("audit", VGE_NATS_URL=servers, VGE_STREAM_REPLICAS="3")
+    nats_cluster.nodes[0].stop()
+    audit = service_process("audit", **nats_cluster.service_env)
     await audit.healthy()
-    nc = await _connect(nats_cluster)
+    nc = await nats_cluster.connect()
     try:  # it reached the cluster through the others: its streams and its consumer are there
         js = nc.jetstream()
         for stream in STREAMS:

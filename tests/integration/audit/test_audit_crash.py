@@ -60,11 +60,9 @@ async def test_losing_the_nats_node_leading_its_consumer_loses_and_duplicates_no
 ):
     # a 3-node cluster (deploy/nats/nats-cluster.conf), the streams and the audit consumer on
     # three nodes; the node leading the consumer is killed while events flow
-    servers = [f"nats://127.0.0.1:{n.port}" for n in nats_cluster]
-    audit = service_process("audit", VGE_NATS_URL=",".join(servers), VGE_STREAM_REPLICAS="3",
-                            VGE_LOG_LEVEL="WARNING")
+    audit = service_process("audit", **nats_cluster.service_env, VGE_LOG_LEVEL="WARNING")
     await audit.healthy()
-    nc = await nats.connect(servers=servers, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    nc = await nats_cluster.connect()
     try:
         js = nc.jetstream()
         bench = bench_via(nc)
@@ -91,7 +89,7 @@ async def test_losing_the_nats_node_leading_its_consumer_loses_and_duplicates_no
 
         await bench.eventually(some_recorded, timeout=30, what="200 records before the node is lost")
         leader = (await js.consumer_info(EVENTS_STREAM, AUDIT_DURABLE)).cluster.leader
-        lost = next(node for node in nats_cluster if node.server_name == leader)
+        lost = nats_cluster.node(leader)
         os.kill(lost.pid, signal.SIGKILL)
         at_loss = (await bench.stats(org)).count
         assert not publishing.done(), "events should still be flowing when the node is lost"

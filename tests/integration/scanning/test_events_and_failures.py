@@ -226,11 +226,9 @@ async def test_losing_the_nats_node_leading_the_stream_mid_load_loses_and_duplic
     # a 3-node cluster (deploy/nats/nats-cluster.conf) with the streams on three nodes, and the
     # node leading VGE_EVENTS killed in the middle of a load
     tickets, devices = 400, 16
-    servers = [f"nats://127.0.0.1:{n.port}" for n in nats_cluster]
-    scanning = service_process("scanning", VGE_NATS_URL=",".join(servers), VGE_STREAM_REPLICAS="3",
-                               VGE_LOG_LEVEL="WARNING")
+    scanning = service_process("scanning", **nats_cluster.service_env, VGE_LOG_LEVEL="WARNING")
     await scanning.healthy()
-    nc = await nats.connect(servers=servers, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    nc = await nats_cluster.connect()
     try:
         js = nc.jetstream()
         v = await seed(tickets=tickets, via=nc)
@@ -251,7 +249,7 @@ async def test_losing_the_nats_node_leading_the_stream_mid_load_loses_and_duplic
             while len(replies) < 100:
                 await asyncio.sleep(0.005)
         leader = (await js.stream_info(EVENTS_STREAM)).cluster.leader
-        lost = next(node for node in nats_cluster if node.server_name == leader)
+        lost = nats_cluster.node(leader)
         os.kill(lost.pid, signal.SIGKILL)
         lost_after = len(replies)
         async with asyncio.timeout(60):
