@@ -16,11 +16,13 @@ from typing import Any
 import nats
 import nats.js.errors
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from libs.jetstream import ensure_streams
 from libs.nats_auth import ADMIN, USERS, connect_options, generate_passwords, password_variable
 from libs.servers import _nats_binary, free_port
 from libs.subjects import DEAD_LETTER_STREAM, EVENTS_STREAM
+from services.audit.bootstrap import DURABLE as AUDIT_DURABLE
 
 STREAMS = (EVENTS_STREAM, DEAD_LETTER_STREAM)
 DEPLOY = Path(__file__).parents[2] / "deploy" / "nats"
@@ -79,10 +81,19 @@ async def test_a_service_raises_a_single_server_stream_to_three_and_never_lowers
         js = nc.jetstream()
         await ensure_streams(js)  # as deployed before the setting existed: one replica
         assert (await js.stream_info(EVENTS_STREAM)).config.num_replicas == 1
+        # with the audit log's consumer on it, as a running deployment has
+        await js.add_consumer(EVENTS_STREAM, ConsumerConfig(durable_name=AUDIT_DURABLE, filter_subject="vge.evt.>",
+                                                            ack_policy=AckPolicy.EXPLICIT))  # fmt: skip
 
         await ensure_streams(js, replicas=3)
         for stream in STREAMS:
             await _replicated(js, stream, eventually, 3)
+
+        async def consumer_on_three() -> bool:  # (the consumer follows its stream)
+            peers = (await js.consumer_info(EVENTS_STREAM, AUDIT_DURABLE)).cluster.replicas or []
+            return len(peers) == 2 and all(p.current for p in peers)
+
+        await eventually(consumer_on_three, what="the audit consumer on three servers")
 
         # a replica still on the old setting (a rolling deploy) starts: the streams stay on three
         await ensure_streams(js, replicas=1)
