@@ -14,7 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
 import nats
@@ -66,14 +66,24 @@ class NatsCluster:
         """A service's settings on this cluster: all three nodes, the streams on three."""
         return {"VGE_NATS_URL": self.url, "VGE_STREAM_REPLICAS": "3"}
 
+    # a JetStream API call's wait on this cluster: three servers beside everything else on two
+    # cores answer slower than nats-py's 5 s default now and then (a stream moved or scaled)
+    JS_TIMEOUT = 15.0
+
     async def connect(self) -> NATS:
         """A client connection to whichever node answers, reconnecting when one is lost."""
         return await nats.connect(servers=[f"nats://127.0.0.1:{n.port}" for n in self.nodes if n.running],
                                   connect_timeout=2, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
 
-    def node(self, server_name: str) -> NatsServer:
-        """The node JetStream calls ``server_name`` (a stream's or consumer's leader, say)."""
-        return next(n for n in self.nodes if n.server_name == server_name)
+    async def leader(self, js: Any, stream: str, consumer: str | None = None) -> NatsServer:
+        """The node leading ``stream`` (or its ``consumer``), once there is one: JetStream
+        reports no leader for a moment while it elects or moves one."""
+        async with asyncio.timeout(15):
+            while True:
+                info = await (js.consumer_info(stream, consumer) if consumer else js.stream_info(stream))
+                if info.cluster is not None and info.cluster.leader:
+                    return next(n for n in self.nodes if n.server_name == info.cluster.leader)
+                await asyncio.sleep(0.1)
 
 
 @pytest.fixture

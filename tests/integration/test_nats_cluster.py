@@ -45,14 +45,13 @@ async def test_a_service_keeps_the_streams_on_three_servers_and_losing_one_loses
     await audit.healthy()
     nc = await nats_cluster.connect()
     try:
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=nats_cluster.JS_TIMEOUT)
         for stream in STREAMS:
             await _replicated(js, stream, eventually, 3)
         subject = "vge.evt.replica-probe.payments.ticket.issued"
         await js.publish(subject, b"before", headers={"Nats-Msg-Id": "replica-probe-1"})
 
-        leader = (await js.stream_info(EVENTS_STREAM)).cluster.leader
-        stopped = nats_cluster.node(leader)
+        stopped = await nats_cluster.leader(js, EVENTS_STREAM)
         stopped.stop()
         # the two left elect a new leader; a publish is acknowledged once both have it
         ack = None
@@ -65,10 +64,9 @@ async def test_a_service_keeps_the_streams_on_three_servers_and_losing_one_loses
                     nats.js.errors.ServiceUnavailableError):
                 continue
         assert ack is not None, "no leader after losing one of three servers"
-        info = await js.stream_info(EVENTS_STREAM)
-        assert info.cluster.leader != leader
-        before = await js.get_last_msg(EVENTS_STREAM, subject)
-        assert before.data == b"after"
+        assert (await nats_cluster.leader(js, EVENTS_STREAM)) is not stopped
+        last = await js.get_last_msg(EVENTS_STREAM, subject)
+        assert last.data == b"after"
         first = await js.get_msg(EVENTS_STREAM, ack.seq - 1)
         assert first.data == b"before"  # written while the lost server led: kept by the others
     finally:
@@ -78,7 +76,7 @@ async def test_a_service_keeps_the_streams_on_three_servers_and_losing_one_loses
 async def test_a_service_raises_a_single_server_stream_to_three_and_never_lowers_it(nats_cluster, eventually):
     nc = await nats_cluster.connect()
     try:
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=nats_cluster.JS_TIMEOUT)
         await ensure_streams(js)  # as deployed before the setting existed: one replica
         assert (await js.stream_info(EVENTS_STREAM)).config.num_replicas == 1
         # with the audit log's consumer on it, as a running deployment has
@@ -90,7 +88,8 @@ async def test_a_service_raises_a_single_server_stream_to_three_and_never_lowers
             await _replicated(js, stream, eventually, 3)
 
         async def consumer_on_three() -> bool:  # (the consumer follows its stream)
-            peers = (await js.consumer_info(EVENTS_STREAM, AUDIT_DURABLE)).cluster.replicas or []
+            info = await js.consumer_info(EVENTS_STREAM, AUDIT_DURABLE)
+            peers = (info.cluster and info.cluster.replicas) or []
             return len(peers) == 2 and all(p.current for p in peers)
 
         await eventually(consumer_on_three, what="the audit consumer on three servers")
@@ -125,7 +124,7 @@ async def test_a_service_given_the_clusters_servers_starts_while_the_first_is_do
     await audit.healthy()
     nc = await nats_cluster.connect()
     try:  # it reached the cluster through the others: its streams and its consumer are there
-        js = nc.jetstream()
+        js = nc.jetstream(timeout=nats_cluster.JS_TIMEOUT)
         for stream in STREAMS:
             assert (await js.stream_info(stream)).config.num_replicas == 3
         assert (await js.consumer_info(EVENTS_STREAM, "audit")).config.durable_name == "audit"
@@ -133,7 +132,9 @@ async def test_a_service_given_the_clusters_servers_starts_while_the_first_is_do
         await nc.close()
 
 
-async def test_the_deploy_cluster_config_forms_a_cluster_the_services_run_on(tmp_path, service_process):
+async def test_the_deploy_cluster_config_forms_a_cluster_the_services_run_on(
+    tmp_path, service_process, eventually
+):
     # deploy/nats/nats-cluster.conf itself, three nodes on this machine: the routes log in with
     # the route password, the users and permissions are auth.conf's, and a service on its own
     # user keeps the streams on three nodes. Only what must differ on one machine differs: the
@@ -179,10 +180,10 @@ async def test_the_deploy_cluster_config_forms_a_cluster_the_services_run_on(tmp
             scanning = service_process("scanning", VGE_NATS_URL=",".join(servers), VGE_STREAM_REPLICAS="3",
                                        VGE_NATS_USER="scanning", VGE_NATS_PASSWORD=passwords["scanning"])
             await scanning.healthy()
-            js = admin.jetstream()
+            js = admin.jetstream(timeout=15)
             for stream in STREAMS:
+                await _replicated(js, stream, eventually, 3)
                 info = await js.stream_info(stream)
-                assert info.config.num_replicas == 3
                 assert {info.cluster.leader, *(p.name for p in info.cluster.replicas)} == {
                     "nats-1", "nats-2", "nats-3"}
         finally:

@@ -161,6 +161,6 @@ async def bench(nc: NATS, audit_db: asyncpg.Pool, commands: CommandClient, event
 
 
 @pytest.fixture
-def bench_via(audit_db: asyncpg.Pool, signer: ContextSigner, eventually) -> Callable[[NATS], AuditBench]:
-    """``bench_via(nc)``: the same hands through another NATS connection (a cluster's, say)."""
-    return lambda nc: AuditBench(nc.jetstream(), audit_db, CommandClient(nc, signer), eventually)
+def bench_via(audit_db: asyncpg.Pool, signer: ContextSigner, eventually) -> Callable[[NATS, Any], AuditBench]:
+    """``bench_via(nc, js)``: the same hands through another NATS connection (a cluster's, say)."""
+    return lambda nc, js: AuditBench(js, audit_db, CommandClient(nc, signer), eventually)

@@ -64,8 +64,8 @@ async def test_losing_the_nats_node_leading_its_consumer_loses_and_duplicates_no
     await audit.healthy()
     nc = await nats_cluster.connect()
     try:
-        js = nc.jetstream()
-        bench = bench_via(nc)
+        js = nc.jetstream(timeout=nats_cluster.JS_TIMEOUT)
+        bench = bench_via(nc, js)
         org = uuid.uuid4()
         n = 900
         events = [bench.sample_event(org, i) for i in range(n)]
@@ -88,8 +88,7 @@ async def test_losing_the_nats_node_leading_its_consumer_loses_and_duplicates_no
             return (await bench.stats(org)).count >= 200
 
         await bench.eventually(some_recorded, timeout=30, what="200 records before the node is lost")
-        leader = (await js.consumer_info(EVENTS_STREAM, AUDIT_DURABLE)).cluster.leader
-        lost = nats_cluster.node(leader)
+        lost = await nats_cluster.leader(js, EVENTS_STREAM, AUDIT_DURABLE)
         os.kill(lost.pid, signal.SIGKILL)
         at_loss = (await bench.stats(org)).count
         assert not publishing.done(), "events should still be flowing when the node is lost"
@@ -101,7 +100,7 @@ async def test_losing_the_nats_node_leading_its_consumer_loses_and_duplicates_no
         stats = await bench.stats(org)
         assert (stats.count, stats.distinct_events) == (n, n)
         assert (stats.min_seq, stats.max_seq, stats.head_seq) == (1, n, n)
-        assert (await js.consumer_info(EVENTS_STREAM, AUDIT_DURABLE)).cluster.leader != leader
+        assert (await nats_cluster.leader(js, EVENTS_STREAM, AUDIT_DURABLE)) is not lost
         verified = await bench.verify(org)
         assert (verified["ok"], verified["records_checked"]) == (True, n)
     finally:

@@ -230,8 +230,8 @@ async def test_losing_the_nats_node_leading_the_stream_mid_load_loses_and_duplic
     await scanning.healthy()
     nc = await nats_cluster.connect()
     try:
-        js = nc.jetstream()
-        v = await seed(tickets=tickets, via=nc)
+        js = nc.jetstream(timeout=nats_cluster.JS_TIMEOUT)
+        v = await seed(tickets=tickets, via=nc, via_js=js)
         replies = []
 
         async def device(n: int) -> None:
@@ -248,8 +248,7 @@ async def test_losing_the_nats_node_leading_the_stream_mid_load_loses_and_duplic
         async with asyncio.timeout(30):
             while len(replies) < 100:
                 await asyncio.sleep(0.005)
-        leader = (await js.stream_info(EVENTS_STREAM)).cluster.leader
-        lost = nats_cluster.node(leader)
+        lost = await nats_cluster.leader(js, EVENTS_STREAM)
         os.kill(lost.pid, signal.SIGKILL)
         lost_after = len(replies)
         async with asyncio.timeout(60):
