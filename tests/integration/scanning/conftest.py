@@ -118,15 +118,16 @@ async def scanning(start_service):
 async def seed(nc, commands, signer, admin_dsn):
     """``await seed(tickets=..., reentry=..., ...)``: a fresh tenant with an event and tickets
     (needs a running scanning service to apply them). ``via=`` another NATS connection (a
-    cluster's, say) and ``via_js=`` its JetStream context publish them and send the venue's
-    commands there."""
+    cluster's, say), with its JetStream context ``via_js=`` if one was made, publishes them and
+    sends the venue's commands there."""
     js = nc.jetstream()
     await ensure_streams(js)
 
     async def make(*, database_url: str | None = None, via: Any = None, via_js: Any = None,
                    **kwargs: Any) -> Venue:
         if via is not None:
-            return await seed_venue(via_js, CommandClient(via, signer), database_url or admin_dsn, **kwargs)
+            return await seed_venue(via_js or via.jetstream(), CommandClient(via, signer),
+                                    database_url or admin_dsn, **kwargs)
         return await seed_venue(js, commands, database_url or admin_dsn, **kwargs)
 
     return make
