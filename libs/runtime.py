@@ -461,4 +461,3 @@ def run_service(runtime: ServiceRuntime, *, leftover_seconds: float = LEFTOVER_T
 def configure_service_logging(name: str, settings: Settings) -> None:
     """Logging for a service process (kept here so every ``__main__`` is two lines)."""
     configure_logging(settings.log_level, settings.log_format, service=name)
-
