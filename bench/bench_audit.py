@@ -42,7 +42,7 @@ from libs.db import create_pool, service_dsn  # noqa: E402
 from libs.envelope import Envelope  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
 from libs.service_process import ServiceProcess, all_healthy, stop_all  # noqa: E402
-from libs.settings import Settings  # noqa: E402
+from libs.settings import Settings, nats_servers  # noqa: E402
 from libs.subjects import DEAD_LETTER_STREAM  # noqa: E402
 from libs.subjects import event as event_subject  # noqa: E402
 from loadgen import bench_servers, percentile, service_env  # noqa: E402
@@ -228,7 +228,7 @@ async def run(args: argparse.Namespace, urls: dict[str, str], work: Path) -> dic
     _, public_key = generate_key_pair()
     audit = AuditProcesses(urls, public_key, in_process=args.in_process, instances=args.instances,
                            log_dir=work)
-    nc = await nats.connect(urls["nats_url"])
+    nc = await nats.connect(nats_servers(urls["nats_url"]))
     js = nc.jetstream()
     await ensure_streams(js)
     db = await asyncpg.create_pool(urls["database_url"], min_size=1, max_size=4)

@@ -50,7 +50,7 @@ from libs.context import ContextSigner, generate_key_pair, load_private_key  # n
 from libs.errors import DomainError  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.service_process import ServiceProcess, stop_all  # noqa: E402
-from libs.settings import Settings  # noqa: E402
+from libs.settings import Settings, nats_servers  # noqa: E402
 from loadgen import (  # noqa: E402
     PresignedContexts, at_fixed_rate, bench_servers, percentile, run as run_loop, service_env, settle_heap,
 )
@@ -207,7 +207,7 @@ async def run_against(args: argparse.Namespace, urls: dict[str, str]) -> None:
         print(f"payments: {args.replicas} replica(s), {'in-process' if args.in_process else 'subprocess'}; "
               f"{len(os.sched_getaffinity(0))} CPUs; ticket types: {args.ticket_types}")
 
-        nc = await nats.connect(urls["nats_url"])
+        nc = await nats.connect(nats_servers(urls["nats_url"]))
         signer = ContextSigner(load_private_key(private))
         presigned = PresignedContexts(signer)
         client = CommandClient(nc, presigned if args.presign else signer, timeout=30, ttl=600.0)

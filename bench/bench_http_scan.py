@@ -56,7 +56,7 @@ from libs.context import generate_key_pair  # noqa: E402
 from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.service_process import ServiceProcess, all_healthy, stop_all  # noqa: E402
-from libs.settings import Settings  # noqa: E402
+from libs.settings import Settings, nats_servers  # noqa: E402
 from services.gateway.cli import create_tenant  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -323,7 +323,7 @@ async def main() -> None:
             await all_healthy(scanning + gateways)
             # (known now: a port taken before its service bound it was picked again)
             scan_ports, gw_ports = [p.port for p in scanning], [p.port for p in gateways]
-            nc = await nats.connect(urls["nats_url"])
+            nc = await nats.connect(nats_servers(urls["nats_url"]))
             js = nc.jetstream()
             await ensure_streams(js)
             org, owner_key = await create_tenant(Settings(database_url=urls["database_url"]), "Bench")

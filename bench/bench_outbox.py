@@ -33,7 +33,7 @@ from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.migrations import migrate  # noqa: E402
 from libs.outbox import OutboxRelay, add_events  # noqa: E402
-from libs.settings import Settings  # noqa: E402
+from libs.settings import Settings, nats_servers  # noqa: E402
 from loadgen import bench_servers  # noqa: E402
 
 SCHEMA = "bench_outbox"
@@ -64,7 +64,8 @@ async def main() -> None:
         admin = urls["database_url"]
         await migrate(admin, SCHEMA, None, role_password=settings.db_role_password)
         pool = await create_pool(service_dsn(admin, SCHEMA, settings.db_role_password), schema=SCHEMA)
-        nc = await nats.connect(urls["nats_url"], user=settings.nats_user, password=settings.nats_password)
+        nc = await nats.connect(nats_servers(urls["nats_url"]), user=settings.nats_user,
+                                password=settings.nats_password)
         try:
             await ensure_streams(nc.jetstream())
             relay = OutboxRelay(pool, nc, SCHEMA, batch_size=args.batch_size)

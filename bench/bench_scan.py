@@ -49,7 +49,7 @@ from libs.contracts.catalog import EventCreated, TicketIssued, TicketTypeInfo  #
 from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.service_process import ServiceProcess, all_healthy, stop_all  # noqa: E402
-from libs.settings import Settings  # noqa: E402
+from libs.settings import Settings, nats_servers  # noqa: E402
 from loadgen import (  # noqa: E402
     OnReply, PresignedContexts, ReplyInbox, bench_servers, percentile, run, send_at_fixed_rate, service_env,
     settle_heap,
@@ -329,7 +329,7 @@ async def main() -> None:
         try:
             await all_healthy(services)
             service = services[0]
-            nc = await nats.connect(urls["nats_url"])
+            nc = await nats.connect(nats_servers(urls["nats_url"]))
             js = nc.jetstream()
             await ensure_streams(js)
             signer = ContextSigner(load_private_key(private))
