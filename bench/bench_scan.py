@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_scan.py                 # all three phases, embedded servers
     .venv/bin/python bench/bench_scan.py --devices 64 --seconds 10 --rate 1000 --offline 10000
+    .venv/bin/python bench/bench_scan.py --offline-repeats 0.3   # 3,000 of the upload scan a ticket again
 
 Phases: (1) flat out with N concurrent devices; (2) a fixed rate (open loop: latency includes
 queueing); (3) one offline batch. Phases 2 and 3 start once the service has published the
@@ -312,12 +313,16 @@ async def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0, help="fixed-rate phase, scans/s")
     ap.add_argument("--rate-seconds", type=float, default=10.0)
     ap.add_argument("--offline", type=int, default=10_000, help="offline batch size")
+    ap.add_argument("--offline-repeats", type=float, default=0.0,
+                    help="share of the offline batch re-scanning a ticket of the batch (0-0.5)")
     ap.add_argument("--duplicates", type=float, default=0.1, help="share of scans re-scanning a ticket")
     ap.add_argument("--replicas", type=int, default=1, help="scanning service processes")
     ap.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--presign", action=argparse.BooleanOptionalAction, default=True,
                     help="sign the commands' contexts before each phase (see PresignedContexts)")
     args = ap.parse_args()
+    if not 0 <= args.offline_repeats < 1:
+        ap.error("--offline-repeats is a share of the batch, from 0 up to (not including) 1")
     configure_logging("WARNING", "console")
     print(f"host speed: {host_speed():.3f} s for a fixed loop (lower is faster; see host_speed); work "
           f"done right after 2 ms asleep takes {wake_penalty():.1f}x as long (see wake_penalty)", flush=True)
@@ -427,9 +432,14 @@ async def main() -> None:
 
             # phase 3: one offline batch
             await settle(urls["database_url"])
-            batch_codes = list(cursor)[: args.offline]
+            # --offline-repeats: that share of the batch scans a ticket of the batch again, later,
+            # at another gate (a conflict, decided by the authority's ordered part)
+            repeats = int(args.offline * args.offline_repeats)
+            batch_codes = list(itertools.islice(cursor, args.offline - repeats))
+            batch_codes += [batch_codes[n % len(batch_codes)] for n in range(repeats)]
             start = datetime.now(UTC) - timedelta(minutes=30)
-            scans = [{"event_id": str(event_id), "ticket_code": c, "direction": "entry", "gate": "offline",
+            scans = [{"event_id": str(event_id), "ticket_code": c, "direction": "entry",
+                      "gate": "offline" if n < args.offline - repeats else "offline-2",
                       "nonce": uuid.uuid4().hex,
                       "scanned_at": (start + timedelta(milliseconds=n)).isoformat()}
                      for n, c in enumerate(batch_codes)]
@@ -439,8 +449,9 @@ async def main() -> None:
                                          org_id=org, correlation_id="offline", timeout=60)
             elapsed = time.perf_counter() - t0
             ok = sum(r["result"] == "accepted" for r in reply["results"])
+            conflicts = sum(r["conflict"] for r in reply["results"])
             print(f"offline batch: {len(scans):,} scans applied in {elapsed:.2f}s "
-                  f"({len(scans) / elapsed:,.0f} scans/s), accepted {ok}", flush=True)
+                  f"({len(scans) / elapsed:,.0f} scans/s), accepted {ok}, conflicts {conflicts}", flush=True)
 
             doubles = await double_admissions(urls["database_url"], org)
             print(f"double admissions: {doubles}", flush=True)
