@@ -32,6 +32,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", service: str | Non
     """Configure structlog once per process. ``fmt``: auto (console on a TTY), json or console."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     processors: list = [
+        structlog.contextvars.merge_contextvars,  # (structlog's own binding still works too)
         _merge_bound,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
