@@ -16,11 +16,22 @@ from libs.envelope import Envelope
 from libs.errors import Unavailable
 from libs.outbox import outbox_committed
 
-__all__ = ["ScanningStore", "SPLIT_AT", "OCCUPANCY_LIMIT"]
+__all__ = ["ScanningStore", "SPLIT_AT", "OCCUPANCY_LIMIT", "OCCUPANCY_READS"]
 
 SCHEMA = "scanning"
 SPLIT_AT = 2_000  # scans in one batch from which it is decided as two transactions at once
 OCCUPANCY_LIMIT = 100  # events whose occupancy.changed is queued per call
+
+# An event's occupancy, as GetOccupancy reads it. The tenant is named here although row-level
+# security adds it: the policies' condition is "this tenant OR a platform read", which is no index
+# condition, so by event id alone each read walked the whole key index, every tenant's rows.
+OCCUPANCY_READS = {
+    "capacity": "SELECT capacity FROM events WHERE organization_id = $1 AND event_id = $2",
+    "totals": "SELECT inside, entries, exits, updated_at FROM occupancy "
+              "WHERE organization_id = $1 AND event_id = $2",
+    "counts": "SELECT dimension, key, entries, exits FROM occupancy_counts "
+              "WHERE organization_id = $1 AND event_id = $2 ORDER BY dimension, key",
+}
 
 _REGISTRY_EVENTS = {EventCreated.event_type, TicketIssued.event_type, TicketCancelled.event_type}
 _RETRYABLE = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
@@ -77,18 +88,11 @@ class ScanningStore:
         """Current occupancy of an event, or None if this tenant has no such event."""
         try:
             async with tenant_transaction(self._pool, org_id, readonly=True) as conn:
-                ev = await conn.fetchrow("SELECT capacity FROM events WHERE event_id = $1", event_id)
-                occ = await conn.fetchrow(
-                    "SELECT inside, entries, exits, updated_at FROM occupancy WHERE event_id = $1",
-                    event_id,
-                )
+                ev = await conn.fetchrow(OCCUPANCY_READS["capacity"], org_id, event_id)
+                occ = await conn.fetchrow(OCCUPANCY_READS["totals"], org_id, event_id)
                 if ev is None and occ is None:
                     return None
-                counts = await conn.fetch(
-                    "SELECT dimension, key, entries, exits FROM occupancy_counts "
-                    "WHERE event_id = $1 ORDER BY dimension, key",
-                    event_id,
-                )
+                counts = await conn.fetch(OCCUPANCY_READS["counts"], org_id, event_id)
         except CONNECTION_ERRORS as exc:
             raise Unavailable("occupancy store unavailable") from exc
         return {

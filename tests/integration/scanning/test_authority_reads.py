@@ -1,6 +1,7 @@
-"""What the authority reads to decide a batch does not grow with the tenant's scans: a retry or
-a ticket scanned twice in one batch (the ordered part, ``decide_scans_sequential``) looks its
-scans up by (device, nonce), not among all of the tenant's."""
+"""What scanning reads does not grow with the tenant's (or every tenant's) rows: a retry or a
+ticket scanned twice in one batch (the authority's ordered part, ``decide_scans_sequential``)
+looks its scans up by (device, nonce), not among all of the tenant's; an occupancy read finds
+its rows by tenant and event, not by event among every tenant's."""
 
 from __future__ import annotations
 
@@ -76,3 +77,37 @@ async def test_a_retry_a_repeated_nonce_and_an_earlier_offline_entry_read_their_
     finally:
         await authority.close()
         await admin.close()
+
+
+def _index_conditions(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    """(relation, index condition) of every scan in an EXPLAIN (FORMAT JSON) plan."""
+    found = []
+    if "Relation Name" in plan:
+        found.append((plan["Relation Name"], plan.get("Index Cond", "")))
+    for child in plan.get("Plans", []):
+        found += _index_conditions(child)
+    return found
+
+
+async def test_an_occupancy_read_finds_its_rows_by_the_tenant_and_event(admin_dsn, platform_settings):
+    # row-level security names the tenant too, but as "this tenant OR a platform read", which no
+    # index can serve: a read by event id alone walked every tenant's keys
+    from services.scanning.adapters.postgres import OCCUPANCY_READS
+
+    await migrate(admin_dsn, "scanning", MIGRATIONS, role_password=platform_settings.db_role_password)
+    org, ev = uuid.uuid4(), uuid.uuid4()
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute("SET ROLE vge_scanning; SET search_path = scanning, vge")
+        await conn.execute("SELECT set_config('vge.org_id', $1, false)", str(org))
+        for name, sql in OCCUPANCY_READS.items():
+            # a generic plan, as a pooled connection's prepared statement ends up with
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+            await conn.execute(f"PREPARE read_{name}(uuid, uuid) AS {sql}")
+            plan = json.loads(await conn.fetchval(
+                f"EXPLAIN (FORMAT JSON) EXECUTE read_{name}('{org}', '{ev}')"))[0]["Plan"]
+            scans = _index_conditions(plan)
+            assert scans and all("organization_id" in cond and "event_id" in cond for _, cond in scans), \
+                (name, scans)
+    finally:
+        await conn.close()
