@@ -92,8 +92,8 @@ class AccessControl:
         )
 
     async def sync(self, ctx: CommandContext, cmd: SyncOfflineScans) -> OfflineScansSynced:
-        """Apply an offline batch in ``scanned_at`` order (one transaction, or two split by ticket
-        for a big one); one result per scan."""
+        """Apply an offline batch in ``scanned_at`` order (in parts split by ticket, each a
+        transaction: ``ScanningStore.decide_upload``); one result per scan."""
         org = _tenant(ctx)
         event_ids = {e: str(e) for e in {s.event_id for s in cmd.scans}}
         for event_id in event_ids.values():
@@ -107,7 +107,7 @@ class AccessControl:
                                    s.zone, s.nonce, s.scanned_at, cmd.device_event_id, actor)
             item.update(offline=True, device_result=s.device_result, i=i)
             items.append(item)
-        decisions = await self.store.decide(org, utcnow(), items)
+        decisions = await self.store.decide_upload(org, utcnow(), items)
         count_decisions(decisions, "offline")
         by_index = {d["i"]: d for d in decisions}
         # tier 1 at once, before the reply: an upload can move a ticket's first admission to an

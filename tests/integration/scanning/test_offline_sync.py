@@ -4,6 +4,7 @@ nothing dropped, occupancy matching the scans."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -101,10 +102,10 @@ async def test_large_batch_is_one_result_per_scan(venue_factory):
     assert (occ["inside"], occ["entries"]) == (500, 500)
 
 
-async def test_a_big_upload_split_in_two_transactions_decides_as_one(venue_factory):
-    """From SPLIT_AT scans the upload is decided in two transactions at once, split by ticket:
+async def test_a_big_upload_split_in_parts_decides_as_one(venue_factory):
+    """Past UPLOAD_PART scans the upload is decided in parts, transactions split by ticket:
     every ticket's scans still meet in order, nothing is applied twice on a re-upload."""
-    from services.scanning.adapters.postgres import SPLIT_AT
+    from services.scanning.adapters.postgres import UPLOAD_PART
 
     v = await venue_factory(tickets=1100)
     t0 = datetime.now(UTC) - timedelta(minutes=30)
@@ -114,7 +115,7 @@ async def test_a_big_upload_split_in_two_transactions_decides_as_one(venue_facto
         scans.append(_scan(v, code, at + timedelta(minutes=1), gate="South", nonce=f"s-{n}"))  # later
         scans.append(_scan(v, code, at, gate="North", nonce=f"n-{n}"))
     scans += [_scan(v, f"TKT-forged-{n}", t0, nonce=f"f-{n}") for n in range(100)]
-    assert len(scans) > SPLIT_AT
+    assert len(scans) > 4 * UPLOAD_PART
 
     results = await v.sync(scans)
     assert [r["nonce"] for r in results] == [s["nonce"] for s in scans]
@@ -188,3 +189,51 @@ async def test_online_admissions_of_the_event_go_on_while_an_upload_is_decided(v
     exits = len(calls) - entries
     occ = await v.occupancy()
     assert (occ["entries"], occ["exits"], occ["inside"]) == (1_100 + entries, exits, 1_100 + entries - exits)
+
+
+async def test_an_upload_does_not_hold_back_the_events_of_scans_decided_meanwhile(venue_factory, nc):
+    """The outbox relay publishes in commit order, so it waits for every transaction that began
+    before a row's (libs/outbox.py). An upload decided as one or two transactions held back the
+    events of every scan the gates made meanwhile, and the dashboards' occupancy.changed, until
+    it ended (10,000 scans: 1.4-1.7 s). Decided in parts (UPLOAD_PART scans, each its own
+    transaction), it holds them back for about one part."""
+    v = await venue_factory(tickets=4_004, reentry=True)
+    uploaded, online = v.tickets[:4_000], v.tickets[4_000:]
+    t0 = datetime.now(UTC) - timedelta(minutes=30)
+    scans = [_scan(v, code, t0 + timedelta(milliseconds=n)) for n, code in enumerate(uploaded)]
+    loop = asyncio.get_running_loop()
+    published: dict[str, float] = {}  # scan id -> when its scan.accepted came
+
+    async def on_event(msg) -> None:
+        published[json.loads(msg.data)["data"]["scan_id"]] = loop.time()
+
+    sub = await nc.subscribe(f"vge.evt.{v.org}.scanning.scan.accepted", cb=on_event)
+    answered: list[tuple[float, str]] = []
+    upload_done = asyncio.Event()
+
+    async def gate(code: str, dev: int) -> None:
+        direction = "entry"
+        while not upload_done.is_set():
+            d = await v.scan(code, dev=dev, direction=direction)
+            answered.append((loop.time(), str(d.scan_id)))
+            direction = "exit" if direction == "entry" else "entry"
+
+    gates = [asyncio.create_task(gate(code, 10 + n)) for n, code in enumerate(online)]
+    await asyncio.sleep(0.2)
+    began = loop.time()
+    results = await v.sync(scans, dev=9)
+    ended = loop.time()
+    upload_done.set()
+    await asyncio.gather(*gates)
+    await sub.unsubscribe()
+
+    assert sum(r["result"] == "accepted" for r in results) == 4_000
+    # the gates' scans answered in the second quarter of the upload (its first quarter is mostly
+    # the command being read, before its first transaction) were published before it ended.
+    # (Measured: all of them, ~0.1 s after their answers; as one transaction, none.)
+    span = ended - began
+    meanwhile = [scan_id for at, scan_id in answered if began + 0.25 * span <= at <= began + 0.5 * span]
+    assert len(meanwhile) >= 4, f"{len(meanwhile)} online scans answered in the upload's second quarter"
+    late = [scan_id for scan_id in meanwhile if published.get(scan_id, float("inf")) > ended]
+    assert not late, (f"{len(late)} of {len(meanwhile)} events of scans answered meanwhile "
+                      "were published after the upload")
