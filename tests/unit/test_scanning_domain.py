@@ -334,3 +334,83 @@ def test_tier1_entries_leave_the_garbage_collectors_lists():
     org, code = uuid.uuid4(), "TKT-X"
     cache.put(org, code, ADMISSION)
     assert cache.get(org, code) == ADMISSION and isinstance(cache.get(org, code).event_id, uuid.UUID)
+
+
+class PartsAuthority:
+    """Stands in for the authority's round trip (``ScanningStore._decide``): records each part,
+    how many were under way at once, and fails the call numbered ``fail_at``."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.parts: list[list[str]] = []
+        self.under_way = self.most_at_once = 0
+        self.fail_at = fail_at
+
+    async def __call__(self, org, now, part):
+        self.parts.append([(s["code"], s["i"]) for s in part])
+        call = len(self.parts)
+        self.under_way += 1
+        self.most_at_once = max(self.most_at_once, self.under_way)
+        try:
+            await asyncio.sleep(0.001)
+            if call == self.fail_at:
+                raise RuntimeError("database down")
+            return [{"i": s["i"], "code": s["code"]} for s in part]
+        finally:
+            self.under_way -= 1
+
+
+def _upload(n: int, tickets: int) -> list[dict]:
+    # n scans of `tickets` tickets, each ticket's scans in the order they are to be applied
+    return [{"i": i, "code": f"TKT-{i % tickets}"} for i in range(n)]
+
+
+def _store(authority: PartsAuthority):
+    from services.scanning.adapters.postgres import ScanningStore
+
+    store = ScanningStore(pool=None)  # type: ignore[arg-type]
+    store._decide = authority  # type: ignore[method-assign]
+    return store
+
+
+async def test_an_upload_is_decided_in_parts_that_keep_a_tickets_scans_together_and_in_order():
+    from services.scanning.adapters.postgres import UPLOAD_PART
+
+    authority = PartsAuthority()
+    scans = _upload(5 * UPLOAD_PART, tickets=700)
+    handed: list[list[dict]] = []
+    await _store(authority).decide_upload(ORG, NOW, scans, lambda part, decisions: handed.append(decisions))
+
+    assert len(authority.parts) >= 5 and authority.most_at_once == 2  # two parts at a time, idle gates
+    owner: dict[str, int] = {}
+    for n, part in enumerate(authority.parts):
+        for code, _ in part:
+            assert owner.setdefault(code, n) == n, f"{code} in two parts"
+        for code in {code for code, _ in part}:  # a ticket's scans in the upload's (apply) order
+            mine = [i for c, i in part if c == code]
+            assert mine == [s["i"] for s in scans if s["code"] == code]
+    assert sorted(d["i"] for decisions in handed for d in decisions) == list(range(len(scans)))
+
+
+async def test_an_upload_gives_way_to_the_gates_one_part_at_a_time():
+    from services.scanning.adapters.postgres import UPLOAD_PART
+
+    authority = PartsAuthority()
+    store = _store(authority)
+    store._online_in_flight = 1  # a gate's batch is being decided
+    await store.decide_upload(ORG, NOW, _upload(4 * UPLOAD_PART, tickets=900), lambda part, decisions: None)
+    assert len(authority.parts) >= 4 and authority.most_at_once == 1
+
+
+async def test_a_failed_part_fails_the_upload_and_no_further_part_starts():
+    from services.scanning.adapters.postgres import UPLOAD_PART
+
+    authority = PartsAuthority(fail_at=2)
+    handed: list[list[dict]] = []
+    with pytest.raises(RuntimeError, match="database down"):
+        await _store(authority).decide_upload(ORG, NOW, _upload(8 * UPLOAD_PART, tickets=2_000),
+                                              lambda part, decisions: handed.append(decisions))
+    # the part under way beside the failed one ends (and is handed over, it committed); none
+    # starts after the failure
+    await asyncio.sleep(0.05)
+    assert len(authority.parts) <= 3 < 8
+    assert len(handed) == len(authority.parts) - 1

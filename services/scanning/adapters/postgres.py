@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Callable
 from uuid import UUID
 
 import asyncpg
@@ -65,17 +65,17 @@ class ScanningStore:
         finally:
             self._online_in_flight -= 1
 
-    async def decide_upload(
-        self, org_id: UUID, now: datetime, scans: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
+    async def decide_upload(self, org_id: UUID, now: datetime, scans: list[dict[str, Any]],
+                            decided: Callable[[list[dict[str, Any]], list[dict[str, Any]]], None]) -> None:
         """Decide an offline upload in parts of about ``UPLOAD_PART`` scans split by ticket,
-        each its own transaction (see ``UPLOAD_PART`` for why). A decision depends only on its
+        each its own transaction (see ``UPLOAD_PART`` for why), and hand each part with its
+        decisions to ``decided(part, decisions)`` as it commits. A decision depends only on its
         own ticket's earlier scans, which stay together and in order.
 
         Two parts at a time (PostgreSQL on both cores) while no gate's scan is being decided;
-        from the first one seen, one at a time to the end: the gates' answers come first (two
-        parts at once made the gates' scans during a 10,000-scan upload wait p90 ~45 ms instead
-        of ~10-20 ms), the upload takes longer then (~2 s against ~1.2 s).
+        from the first one seen, one at a time to the end: the gates' answers come first. (Four
+        gates scanning during a 10,000-scan upload: p90 ~45 ms with two parts at once, ~20 ms
+        so. The upload takes longer then: with ``bench_scan.py --offline-gates 500``, 1.6-2.5 s.)
 
         Each part commits on its own; if one fails, no further part starts, the device uploads
         again, and the parts already committed are replayed, not applied twice (every scan is
@@ -84,20 +84,19 @@ class ScanningStore:
         for scan in scans:
             parts[zlib.crc32(scan["code"].encode()) % len(parts)].append(scan)
         waiting = [part for part in reversed(parts) if part]
-        decided: list[dict[str, Any]] = []
         failed = False
 
         async def lane(second: bool) -> None:
             nonlocal failed
             while waiting and not failed and not (second and self._online_in_flight):
+                part = waiting.pop()
                 try:
-                    decided.extend(await self._decide(org_id, now, waiting.pop()))
+                    decided(part, await self._decide(org_id, now, part))
                 except BaseException:
                     failed = True
                     raise
 
         await asyncio.gather(lane(False), lane(True))
-        return decided
 
     async def _decide(self, org_id: UUID, now: datetime, scans: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for attempt in range(3):
