@@ -74,8 +74,9 @@ class ScanningStore:
 
         Two parts at a time (PostgreSQL on both cores) while no gate's scan is being decided;
         from the first one seen, one at a time to the end: the gates' answers come first. (Four
-        gates scanning during a 10,000-scan upload: p90 ~45 ms with two parts at once, ~20 ms
-        so. The upload takes longer then: with ``bench_scan.py --offline-gates 500``, 1.6-2.5 s.)
+        gates scanning in a loop during a 10,000-scan upload waited p90 ~45 ms with two parts at
+        once, ~20 ms with one. The upload takes longer then: ``bench_scan.py --offline-gates 500``,
+        1.6-2.5 s.)
 
         Each part commits on its own; if one fails, no further part starts, the device uploads
         again, and the parts already committed are replayed, not applied twice (every scan is
