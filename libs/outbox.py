@@ -49,6 +49,11 @@ OUTBOX_PUBLISHED = Counter(
 OUTBOX_PENDING = Gauge(
     "vge_outbox_pending", "Unpublished outbox rows seen at the last relay pass", ["service"]
 )
+OUTBOX_LAG = Gauge(
+    "vge_outbox_lag_seconds", "Age of the oldest committed event waiting to be published at the relay's "
+    "last pass, from its transaction's start (0: none waiting); a transaction left open anywhere in the "
+    "database holds every later event back", ["service"]
+)
 OUTBOX_UNCONFIRMED = Gauge(
     "vge_outbox_unconfirmed", "Events of the relay pass under way that JetStream has not yet confirmed "
     "(set when the pass has published them, 0 when it ends)", ["service"]
@@ -183,7 +188,10 @@ class OutboxRelay:
                 rows = await conn.fetch(
                     # xmin: the oldest transaction still open when this statement began
                     "SELECT o.id, o.txid::text AS txid, o.event_id, o.subject, o.payload, "
-                    "pg_snapshot_xmin(pg_current_snapshot())::text AS xmin "
+                    "pg_snapshot_xmin(pg_current_snapshot())::text AS xmin, "
+                    # (since its transaction began: the first row's is the longest wait, near
+                    # enough, as rows come in the order their transactions took their ids)
+                    "extract(epoch FROM clock_timestamp() - o.created_at)::float8 AS waited "
                     # (LATERAL: the position as the index scan's start; as a join condition
                     # the planner read the whole outbox index and filtered it, ~11 ms per pass
                     # for 40,000 rows)
@@ -193,6 +201,7 @@ class OutboxRelay:
                     self._batch_size,
                 )
                 OUTBOX_PENDING.labels(self._schema).set(len(rows))
+                OUTBOX_LAG.labels(self._schema).set(max(0.0, rows[0]["waited"]) if rows else 0.0)
                 oldest_open = int(rows[0]["xmin"]) if rows else 0
                 ready = next((n for n, r in enumerate(rows) if int(r["txid"]) >= oldest_open), len(rows))
                 held_back = ready < len(rows)

@@ -319,6 +319,44 @@ async def test_a_transaction_that_commits_late_is_published_first_and_never_skip
     assert published == [early.event_id, late.event_id]
 
 
+async def test_the_lag_shows_how_long_an_open_transaction_holds_events_back(pool, schema, nc):
+    """``vge_outbox_lag_seconds``: how long the oldest committed event has waited at the relay's
+    last pass. An operator's alert on it sees a transaction left open (anywhere in the
+    database: the relay waits for every older one) before dashboards go stale."""
+    js = nc.jetstream()
+    await ensure_streams(js)
+    org = uuid.uuid4()
+    relay = OutboxRelay(pool, nc, schema, poll_interval=3600.0)
+    relay.start()
+    try:
+        async with pool.acquire() as open_conn:
+            open_tx = open_conn.transaction()
+            await open_tx.start()
+            try:
+                await open_conn.execute("SELECT pg_current_xact_id()")  # an id, older than the event's
+                async with tenant_transaction(pool, org) as conn:
+                    await add_events(conn, schema, [_event(org, 1)])  # commits, and wakes the relay
+                await asyncio.sleep(0.6)  # (passes every min_pass_interval while held back)
+                assert _lag(schema) >= 0.4
+                assert await _stream_messages(js, f"vge.evt.{org}.>") == []
+            finally:
+                await open_tx.rollback()
+
+        async def published():
+            async with pool.acquire() as conn:
+                return await conn.fetchval("SELECT NOT EXISTS (SELECT FROM outbox_unpublished)")
+
+        await _wait_for(published, timeout=5.0)
+        await relay.publish_pending()  # a pass with nothing waiting
+        assert _lag(schema) == 0.0
+    finally:
+        await relay.stop()
+
+
+def _lag(schema: str) -> float | None:
+    return REGISTRY.get_sample_value("vge_outbox_lag_seconds", {"service": schema})
+
+
 async def test_publishing_rewrites_no_outbox_row(pool, schema, nc):
     """Published means behind the relay's position: the rows themselves stay as written (a
     mark per row was a second write of every event)."""
