@@ -22,11 +22,13 @@ SCHEMA = "scanning"
 # An offline upload is decided in parts of about this many scans, each its own transaction
 # (decide_upload). Why parts, not one or two transactions: the outbox relay publishes in commit
 # order and holds back every event committed after a transaction still open began
-# (libs/outbox.py), so a 10,000-scan upload as two ~1.4-s transactions held back the gates' scan
-# events and the dashboards' occupancy.changed, every tenant's, for as long (measured: online
-# scans' events 1.4-1.7 s late, no occupancy.changed for 1.8 s). Parts of 250: ~0.1 s late
-# (p50). The upload alone takes ~30% longer (bench/bench_scan.py, 10,000 scans: 1.30-1.34 s
-# against 0.88-1.00 s; with --offline-repeats 0.3: 1.38-1.67 s against 1.13-1.31 s).
+# (libs/outbox.py), so a 10,000-scan upload as two ~1-s transactions held back the gates' scan
+# events and the dashboards' occupancy.changed, every tenant's, for as long. With gates scanning
+# at 500/s meanwhile (bench/bench_scan.py --offline-gates 500), their events came 0.9-1.2 s after
+# their answers (p50), 1.8-1.9 s (p99); in parts of 250: 43-57 ms, 107-243 ms (of 500: ~100 ms,
+# ~210 ms; of 1,000: ~200 ms, ~350 ms). The cost: the upload alone took 0.93-1.83 s in 12 runs,
+# against 0.77-1.17 s in two transactions; its parts take PostgreSQL ~1.9 s in all against ~1.15 s
+# (a part alone costs per scan what a big one does: bench_decide.py, 84 against 80 us).
 UPLOAD_PART = 250
 OCCUPANCY_LIMIT = 100  # events whose occupancy.changed is queued per call
 
