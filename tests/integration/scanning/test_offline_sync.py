@@ -7,6 +7,7 @@ import asyncio
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -14,6 +15,34 @@ import asyncpg
 def _scan(v, code, at, *, nonce=None, gate="A", direction="entry", device_result="accepted"):
     return {"event_id": str(v.event_id), "ticket_code": code, "direction": direction, "gate": gate,
             "nonce": nonce or uuid.uuid4().hex, "scanned_at": at.isoformat(), "device_result": device_result}
+
+
+async def _upload_while_gates_scan(v, scans, online):
+    """Upload ``scans`` from device 9 while a gate per ticket of ``online`` scans it in and out,
+    again and again, until the upload is answered. Returns the upload's results, when it began
+    and ended, and every gate scan as (sent, answered, direction, decision)."""
+    loop = asyncio.get_running_loop()
+    calls: list[tuple[float, float, str, Any]] = []
+    upload_done = asyncio.Event()
+
+    async def gate(code: str, dev: int) -> None:
+        direction = "entry"
+        while not upload_done.is_set():
+            started = loop.time()
+            d = await v.scan(code, dev=dev, direction=direction)
+            calls.append((started, loop.time(), direction, d))
+            direction = "exit" if direction == "entry" else "entry"
+
+    gates = [asyncio.create_task(gate(code, 10 + n)) for n, code in enumerate(online)]
+    await asyncio.sleep(0.2)
+    began = loop.time()
+    try:
+        results = await v.sync(scans, dev=9)
+    finally:
+        ended = loop.time()
+        upload_done.set()
+        await asyncio.gather(*gates)
+    return results, began, ended, calls
 
 
 async def test_same_ticket_admitted_offline_at_two_gates(venue_factory):
@@ -153,29 +182,11 @@ async def test_online_admissions_of_the_event_go_on_while_an_upload_is_decided(v
     scans = [_scan(v, code, t0 + timedelta(milliseconds=n)) for n, code in enumerate(uploaded)]
     scans += [_scan(v, code, t0 + timedelta(minutes=5, milliseconds=n), gate="B")
               for n, code in enumerate(uploaded[300:])]
-    loop = asyncio.get_running_loop()
-    calls: list[tuple[float, float, str, str]] = []  # (started, answered, direction, result) of each
-    upload_done = asyncio.Event()
-
-    async def gate(code: str, dev: int) -> None:
-        direction = "entry"
-        while not upload_done.is_set():
-            started = loop.time()
-            d = await v.scan(code, dev=dev, direction=direction)
-            calls.append((started, loop.time(), direction, d.result))
-            direction = "exit" if direction == "entry" else "entry"
-
-    gates = [asyncio.create_task(gate(code, 10 + n)) for n, code in enumerate(online)]
-    await asyncio.sleep(0.2)
-    began = loop.time()
-    results = await v.sync(scans, dev=9)
-    ended = loop.time()
-    upload_done.set()
-    await asyncio.gather(*gates)
+    results, began, ended, calls = await _upload_while_gates_scan(v, scans, online)
 
     assert sum(r["result"] == "accepted" for r in results) == 1_100
     assert sum(r["conflict"] for r in results) == 800
-    assert {result for *_, result in calls} == {"accepted"}
+    assert {d.result for *_, d in calls} == {"accepted"}
     # the gates were answered in the middle of the upload. (Measured: answers all through its
     # first 70%, where the last 25-30% is its locked end and its reply being built and read;
     # with occupancy written early, none after its first 20-30%.)
@@ -208,23 +219,7 @@ async def test_an_upload_does_not_hold_back_the_events_of_scans_decided_meanwhil
         published[json.loads(msg.data)["data"]["scan_id"]] = loop.time()
 
     sub = await nc.subscribe(f"vge.evt.{v.org}.scanning.scan.accepted", cb=on_event)
-    answered: list[tuple[float, str]] = []
-    upload_done = asyncio.Event()
-
-    async def gate(code: str, dev: int) -> None:
-        direction = "entry"
-        while not upload_done.is_set():
-            d = await v.scan(code, dev=dev, direction=direction)
-            answered.append((loop.time(), str(d.scan_id)))
-            direction = "exit" if direction == "entry" else "entry"
-
-    gates = [asyncio.create_task(gate(code, 10 + n)) for n, code in enumerate(online)]
-    await asyncio.sleep(0.2)
-    began = loop.time()
-    results = await v.sync(scans, dev=9)
-    ended = loop.time()
-    upload_done.set()
-    await asyncio.gather(*gates)
+    results, began, ended, calls = await _upload_while_gates_scan(v, scans, online)
     await sub.unsubscribe()
 
     assert sum(r["result"] == "accepted" for r in results) == 4_000
@@ -233,7 +228,7 @@ async def test_an_upload_does_not_hold_back_the_events_of_scans_decided_meanwhil
     # (Measured: all of them, ~0.1 s after their answers; as two transactions, 20 of 24 and 32 of
     # 44 were published after the upload.)
     span = ended - began
-    meanwhile = [scan_id for at, scan_id in answered if began + 0.25 * span <= at <= began + 0.5 * span]
+    meanwhile = [str(d.scan_id) for _, at, _, d in calls if began + 0.25 * span <= at <= began + 0.5 * span]
     assert len(meanwhile) >= 4, f"{len(meanwhile)} online scans answered in the upload's second quarter"
     late = [scan_id for scan_id in meanwhile if published.get(scan_id, float("inf")) > ended]
     assert not late, (f"{len(late)} of {len(meanwhile)} events of scans answered meanwhile "
