@@ -17,10 +17,12 @@ def _scan(v, code, at, *, nonce=None, gate="A", direction="entry", device_result
             "nonce": nonce or uuid.uuid4().hex, "scanned_at": at.isoformat(), "device_result": device_result}
 
 
-async def _upload_while_gates_scan(v, scans, online):
-    """Upload ``scans`` from device 9 while a gate per ticket of ``online`` scans it in and out,
-    again and again, until the upload is answered. Returns the upload's results, when it began
-    and ended, and every gate scan as (sent, answered, direction, decision)."""
+async def _upload_while_gates_scan(v, scans, online, gates_at=None):
+    """Upload ``scans`` to ``v`` from device 9 while a gate per ticket of ``online`` scans it in
+    and out (at ``gates_at``, by default the same venue), again and again, until the upload is
+    answered. Returns the upload's results, when it began and ended, and every gate scan as
+    (sent, answered, direction, decision)."""
+    gates_at = gates_at or v
     loop = asyncio.get_running_loop()
     calls: list[tuple[float, float, str, Any]] = []
     upload_done = asyncio.Event()
@@ -29,7 +31,7 @@ async def _upload_while_gates_scan(v, scans, online):
         direction = "entry"
         while not upload_done.is_set():
             started = loop.time()
-            d = await v.scan(code, dev=dev, direction=direction)
+            d = await gates_at.scan(code, dev=dev, direction=direction)
             calls.append((started, loop.time(), direction, d))
             direction = "exit" if direction == "entry" else "entry"
 
@@ -204,32 +206,35 @@ async def test_online_admissions_of_the_event_go_on_while_an_upload_is_decided(v
 
 async def test_an_upload_does_not_hold_back_the_events_of_scans_decided_meanwhile(venue_factory, nc):
     """The outbox relay publishes in commit order, so it waits for every transaction that began
-    before a row's (libs/outbox.py). An upload decided as one or two transactions held back the
-    events of every scan the gates made meanwhile, and the dashboards' occupancy.changed, until
-    it ended (10,000 scans: 1.4-1.7 s). Decided in parts (UPLOAD_PART scans, each its own
-    transaction), it holds them back for about one part."""
-    v = await venue_factory(tickets=4_004, reentry=True)
-    uploaded, online = v.tickets[:4_000], v.tickets[4_000:]
+    before a row's, any tenant's (libs/outbox.py). An upload decided as one or two transactions
+    held back the events of every scan decided meanwhile, and the dashboards' occupancy.changed,
+    until it ended (10,000 scans: 1.4-1.7 s). Decided in parts (UPLOAD_PART scans, each its own
+    transaction), it holds them back for about one part. Here one tenant uploads while another
+    tenant's gates scan (and only the gates' events are read: the upload's thousands would take
+    this process's time, which its service shares)."""
+    v = await venue_factory(tickets=4_000)
+    w = await venue_factory(tickets=4, reentry=True)
     t0 = datetime.now(UTC) - timedelta(minutes=30)
-    scans = [_scan(v, code, t0 + timedelta(milliseconds=n)) for n, code in enumerate(uploaded)]
+    scans = [_scan(v, code, t0 + timedelta(milliseconds=n)) for n, code in enumerate(v.tickets)]
     loop = asyncio.get_running_loop()
     published: dict[str, float] = {}  # scan id -> when its scan.accepted came
 
     async def on_event(msg) -> None:
         published[json.loads(msg.data)["data"]["scan_id"]] = loop.time()
 
-    sub = await nc.subscribe(f"vge.evt.{v.org}.scanning.scan.accepted", cb=on_event)
-    results, began, ended, calls = await _upload_while_gates_scan(v, scans, online)
+    sub = await nc.subscribe(f"vge.evt.{w.org}.scanning.scan.accepted", cb=on_event)
+    results, began, ended, calls = await _upload_while_gates_scan(v, scans, w.tickets, gates_at=w)
     await sub.unsubscribe()
 
     assert sum(r["result"] == "accepted" for r in results) == 4_000
-    # the gates' scans answered in the second quarter of the upload (its first quarter is mostly
-    # the command being read, before its first transaction) were published before it ended.
-    # (Measured: all of them, ~0.1 s after their answers; as two transactions, 20 of 24 and 32 of
-    # 44 were published after the upload.)
+    # the gates' scans answered in the upload's middle (its first fifth is mostly the command
+    # being read, before its first transaction) were published before it ended. (Measured: all
+    # of them, ~0.1 s after their answers; as two transactions, 20 of 24, 32 of 44 and 44 of 44
+    # were published after the upload.)
     span = ended - began
-    meanwhile = [str(d.scan_id) for _, at, _, d in calls if began + 0.25 * span <= at <= began + 0.5 * span]
-    assert len(meanwhile) >= 4, f"{len(meanwhile)} online scans answered in the upload's second quarter"
+    meanwhile = [str(d.scan_id) for _, at, _, d in calls if began + 0.2 * span <= at <= began + 0.6 * span]
+    assert meanwhile, (f"no gate scan answered between 20% and 60% of a {span:.2f}-s upload "
+                       f"({len(calls)} in all)")
     late = [scan_id for scan_id in meanwhile if published.get(scan_id, float("inf")) > ended]
     assert not late, (f"{len(late)} of {len(meanwhile)} events of scans answered meanwhile "
-                      "were published after the upload")
+                      f"were published after the {span:.2f}-s upload")
