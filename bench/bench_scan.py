@@ -495,8 +495,9 @@ async def main() -> None:
             if gate_lat:
                 lags = [published.get(scan_id, math.inf) - at for scan_id, at in answered.items()]
                 missing = sum(lag == math.inf for lag in lags)
-                print(f"gates meanwhile: {len(gate_lat)} scans | answer p50 "
-                      f"{percentile(gate_lat, 50) * 1000:.2f} ms  p99 {percentile(gate_lat, 99) * 1000:.2f} ms  max {max(gate_lat) * 1000:.1f} ms | "
+                print(f"gates meanwhile: {len(gate_lat)} scans | answer "
+                      f"p50 {percentile(gate_lat, 50) * 1000:.2f} ms  "
+                      f"p99 {percentile(gate_lat, 99) * 1000:.2f} ms  max {max(gate_lat) * 1000:.1f} ms | "
                       f"their scan.accepted after the answer: p50 {percentile(lags, 50) * 1000:.0f} ms  "
                       f"p99 {percentile(lags, 99) * 1000:.0f} ms, {missing} of {len(lags)} not within 1 s "
                       "of the upload's end", flush=True)

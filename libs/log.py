@@ -19,7 +19,9 @@ __all__ = ["configure_logging", "get_logger", "bound_correlation"]
 _BOUND: ContextVar[dict[str, Any]] = ContextVar("vge_log_bound", default={})
 
 
-def _merge_bound(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+def _merge_bound(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     # a field given to the log call itself wins over the bound one. Bound ids may be UUIDs: they
     # become text here, for the lines written, not for every message bound (~1 us each).
     bound = _BOUND.get()

@@ -104,4 +104,3 @@ async def test_a_credential_revoked_while_the_gateways_nats_was_away_is_refused_
     assert status == 401
     # and a credential that is still good gets in again (from the database this time)
     assert (await tenant.get("/v1/api-keys")).status_code == 200
-

@@ -81,8 +81,8 @@ async def test_a_service_raises_a_single_server_stream_to_three_and_never_lowers
         await ensure_streams(js)  # as deployed before the setting existed: one replica
         assert (await js.stream_info(EVENTS_STREAM)).config.num_replicas == 1
         # with the audit log's consumer on it, as a running deployment has
-        await js.add_consumer(EVENTS_STREAM, ConsumerConfig(durable_name=AUDIT_DURABLE, filter_subject="vge.evt.>",
-                                                            ack_policy=AckPolicy.EXPLICIT))  # fmt: skip
+        await js.add_consumer(EVENTS_STREAM, ConsumerConfig(
+            durable_name=AUDIT_DURABLE, filter_subject="vge.evt.>", ack_policy=AckPolicy.EXPLICIT))
 
         await ensure_streams(js, replicas=3)
         for stream in STREAMS:
