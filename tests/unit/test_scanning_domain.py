@@ -401,6 +401,47 @@ async def test_an_upload_gives_way_to_the_gates_one_part_at_a_time():
     assert len(authority.parts) >= 4 and authority.most_at_once == 1
 
 
+async def test_an_upload_goes_one_part_at_a_time_from_the_first_gate_batch_it_sees():
+    from services.scanning.adapters.postgres import UPLOAD_PART
+
+    gate_done = asyncio.Event()
+    upload_parts = 0  # upload parts under way now
+    after_gate: list[int] = []  # upload parts under way as each started after the gate's batch
+
+    class Authority(PartsAuthority):
+        async def __call__(self, org, now, part):
+            nonlocal upload_parts
+            if part[0]["code"] == "GATE":  # the gate's batch: under way until released
+                await gate_done.wait()
+                return [{"i": 0, "code": "GATE"}]
+            upload_parts += 1
+            if gate_started.is_set():
+                after_gate.append(upload_parts)
+            try:
+                return await super().__call__(org, now, part)
+            finally:
+                upload_parts -= 1
+
+    authority = Authority()
+    store = _store(authority)
+    gate_started = asyncio.Event()
+    upload = asyncio.create_task(store.decide_upload(ORG, NOW, _upload(12 * UPLOAD_PART, tickets=3_000),
+                                                     lambda part, decisions: None))
+    while len(authority.parts) < 3:  # two at a time so far
+        await asyncio.sleep(0)
+    assert authority.most_at_once == 2
+    gate = asyncio.create_task(store.decide(ORG, NOW, [{"i": 0, "code": "GATE"}]))
+    await asyncio.sleep(0)  # (the gate's batch is under way)
+    gate_started.set()
+    await upload
+    gate_done.set()
+    assert (await gate) == [{"i": 0, "code": "GATE"}]
+    # every part still decided; from the gate's batch on, one at a time (the second lane's part
+    # under way when it came may still run beside the first one or two)
+    assert sorted(i for part in authority.parts for _, i in part) == list(range(12 * UPLOAD_PART))
+    assert len(after_gate) >= 5 and set(after_gate[2:]) == {1}, after_gate
+
+
 async def test_a_failed_part_fails_the_upload_and_no_further_part_starts():
     from services.scanning.adapters.postgres import UPLOAD_PART
 
