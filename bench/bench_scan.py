@@ -6,7 +6,8 @@
     .venv/bin/python bench/bench_scan.py --offline-gates 500     # gates scan online during the upload
 
 Phases: (1) flat out with N concurrent devices; (2) a fixed rate (open loop: latency includes
-queueing); (3) one offline batch. Phases 2 and 3 start once the service has published the
+queueing), with how soon each admission showed in the event's ``occupancy.changed`` after its
+answer (``dashboards:``); (3) one offline batch. Phases 2 and 3 start once the service has published the
 events of the phase before (it prints how many were still waiting and how long that took), so
 each is measured on a settled system, not on one still working off an overload. Prints
 throughput, p50/p95/p99, accepted/rejected counts and the number of double admissions found in
@@ -36,6 +37,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, Callable
 
 import asyncpg
 import httpx
@@ -281,6 +283,55 @@ async def settle(dsn: str, limit: float = 30.0) -> None:
         await conn.close()
 
 
+class DashboardFreshness:
+    """How soon each admission of a phase showed on the dashboards: the time from its answer to
+    the first ``occupancy.changed`` whose ``entries`` count it (design §5: a dashboard sees the
+    latest value within ~100 ms). The k-th admission answered counts as the k-th admitted, which
+    holds but for batches answered out of their commit order (a few ms apart)."""
+
+    def __init__(self, nc: nats.NATS, org: uuid.UUID, event_id: uuid.UUID) -> None:
+        self._nc, self._org, self._event_id = nc, org, event_id
+        self.base = 0  # entries when the phase began
+        self.answered: list[float] = []
+        self.seen: list[tuple[float, int]] = []  # (arrival, entries)
+        self._sub: Any = None
+
+    async def start(self, dsn: str) -> None:
+        """Read the event's entries so far, then follow its ``occupancy.changed``."""
+        conn = await asyncpg.connect(dsn)
+        try:
+            self.base = await conn.fetchval(
+                "SELECT coalesce(max(entries), 0) FROM scanning.occupancy "
+                "WHERE organization_id = $1 AND event_id = $2", self._org, self._event_id)
+        finally:
+            await conn.close()
+        self._sub = await self._nc.subscribe(f"vge.evt.{self._org}.scanning.occupancy.changed",
+                                             cb=self._on_event)
+
+    async def _on_event(self, msg: Msg) -> None:
+        self.seen.append((time.perf_counter(), orjson.loads(msg.data)["data"]["entries"]))
+
+    def admitted(self) -> None:
+        """An admission was answered just now."""
+        self.answered.append(time.perf_counter())
+
+    async def stop(self, wait: float = 1.0) -> str:
+        """After ``wait`` s for the last events: the lags, as a line to print."""
+        await asyncio.sleep(wait)
+        await self._sub.unsubscribe()
+        lags, j, highest = [], 0, 0
+        for k, at in enumerate(self.answered, 1):
+            while j < len(self.seen) and max(highest, self.seen[j][1]) < self.base + k:
+                highest = max(highest, self.seen[j][1])
+                j += 1
+            lags.append(max(0.0, self.seen[j][0] - at) if j < len(self.seen) else math.inf)
+        missing = sum(lag == math.inf for lag in lags)
+        return (f"dashboards: each admission in occupancy.changed after its answer: "
+                f"p50 {percentile(lags, 50) * 1000:.0f} ms  p95 {percentile(lags, 95) * 1000:.0f} ms  "
+                f"p99 {percentile(lags, 99) * 1000:.0f} ms | {len(self.seen)} events, "
+                f"{missing} of {len(lags)} admissions not shown {wait:.0f} s after the phase")
+
+
 async def seed(js, org: uuid.UUID, event_id: uuid.UUID, tickets: int, dsn: str) -> list[str]:
     now = datetime.now(UTC)
     system = Actor.system("bench", org)
@@ -373,14 +424,18 @@ async def main() -> None:
                                                 correlation_id=f"{run_id}-c{n}")
                 await requests.send(SCAN_SUBJECT, body, headers, on_reply, due=due)
 
-            def tallying(latencies: list[float], tally: dict[str, int]) -> OnReply:
+            def tallying(latencies: list[float], tally: dict[str, int],
+                         admitted: Callable[[], None] | None = None) -> OnReply:
                 async def on_reply(msg: Msg | None, latency: float) -> None:
                     # an error reply, no reply in time, or NATS's empty "no responders"
                     if msg is None or not msg.data or (msg.headers or {}).get(STATUS_HEADER) == "error":
                         tally["errors"] += 1
                         return
                     latencies.append(latency)
-                    tally[orjson.loads(msg.data)["result"]] += 1
+                    result = orjson.loads(msg.data)["result"]
+                    tally[result] += 1
+                    if admitted is not None and result == "accepted":
+                        admitted()
                 return on_reply
 
             if args.presign:
@@ -419,7 +474,9 @@ async def main() -> None:
             await settle(urls["database_url"])
             lat2: list[float] = []
             tally2 = {"accepted": 0, "rejected": 0, "errors": 0}
-            record2 = tallying(lat2, tally2)
+            dashboards = DashboardFreshness(nc, org, event_id)
+            await dashboards.start(urls["database_url"])
+            record2 = tallying(lat2, tally2, dashboards.admitted)
             total = int(args.rate * args.rate_seconds)
             before = await service_sums(service.port)
             settle_heap()
@@ -433,6 +490,7 @@ async def main() -> None:
             print(f"load generator: {late} of {total} scans sent more than 5 ms late", flush=True)
             print(cpu_report(cpu, time.perf_counter() - t0, sum(tally2.values())), flush=True)
             print(await service_figures(service.port, before), flush=True)
+            print(await dashboards.stop(), flush=True)
 
             # phase 3: one offline batch
             await settle(urls["database_url"])

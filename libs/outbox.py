@@ -105,12 +105,13 @@ async def add_events(conn: asyncpg.Connection, service: str, events: Iterable[En
 _relays: dict[str, set["OutboxRelay"]] = {}
 
 
-def outbox_committed(schema: str) -> None:
+def outbox_committed(schema: str, *, urgent: bool = False) -> None:
     """Wake this process's relays of ``schema``: call right after a commit that wrote outbox
-    rows without ``add_events`` (rows inserted by a SQL function)."""
+    rows without ``add_events`` (rows inserted by a SQL function). ``urgent``: the next pass
+    starts now, not after the relay's ``min_pass_interval`` (see ``OutboxRelay.wake``)."""
     for relay in list(_relays.get(schema, ())):
         try:
-            relay.wake()
+            relay.wake(urgent=urgent)
         except RuntimeError:  # its event loop is closed (a relay never stopped): forget it
             _relays[schema].discard(relay)
 
@@ -141,7 +142,9 @@ class OutboxRelay:
         ``min_pass_interval``: passes start at most this often. Under load every commit
         wakes the relay; a pass per wake-up would cost two statements and a gather for a handful
         of rows, taking CPU from the work that commits. Waiting this long gathers them (an
-        event waits at most this much longer; a lone one, not at all).
+        event waits at most this much longer; a lone one, not at all). An urgent wake-up
+        (``outbox_committed(..., urgent=True)``) starts the pass at once: for the few events
+        someone waits to see, such as a dashboard's ``occupancy.changed``.
 
         ``nc``: best a connection of its own (``libs.runtime`` says why)."""
         self._pool = pool
@@ -154,6 +157,7 @@ class OutboxRelay:
         self._purge_interval = purge_interval
         self._min_pass_interval = min_pass_interval
         self._wakeup = asyncio.Event()
+        self._hurry = asyncio.Event()  # an urgent wake-up: no wait for the next turn
         self._task: asyncio.Task[None] | None = None
         self._purge_task: asyncio.Task[None] | None = None
         self._listen_conn: asyncpg.Connection | None = None
@@ -360,9 +364,12 @@ class OutboxRelay:
             except Exception:  # noqa: BLE001 - the connection may already be closed
                 pass
 
-    def wake(self) -> None:
-        """Publish now (called by code of this process that just committed outbox rows)."""
+    def wake(self, *, urgent: bool = False) -> None:
+        """Publish soon (called by code of this process that just committed outbox rows): at the
+        next turn, ``min_pass_interval`` after the last pass began; ``urgent``, at once."""
         self._wakeup.set()
+        if urgent:
+            self._hurry.set()
 
     async def _listen(self) -> None:
         if self._listen_conn is not None and not self._listen_conn.is_closed():
@@ -403,7 +410,13 @@ class OutboxRelay:
         while True:
             try:
                 await self._listen()
-                await asyncio.sleep(max(0.0, last_pass + self._min_pass_interval - loop.time()))
+                turn = last_pass + self._min_pass_interval - loop.time()
+                if turn > 0 and not self._hurry.is_set():
+                    try:
+                        await asyncio.wait_for(self._hurry.wait(), turn)
+                    except TimeoutError:
+                        pass
+                self._hurry.clear()
                 last_pass = loop.time()
                 # cleared before the pass, not after it: a commit notified while this pass runs
                 # must start the next one at once, not wait out the poll interval

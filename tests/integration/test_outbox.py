@@ -266,6 +266,38 @@ async def test_an_event_committed_during_a_relay_pass_is_published_at_once(pool,
     assert len(await _stream_messages(js, f"vge.evt.{org}.>")) == 2
 
 
+async def test_an_urgent_wake_up_does_not_wait_for_the_relays_turn(pool, schema, nc):
+    """Passes start at most every ``min_pass_interval`` (60 s here): a commit's wake-up waits for
+    the relay's next turn, an urgent one starts a pass at once, which takes every row waiting."""
+    js = nc.jetstream()
+    await ensure_streams(js)
+    org = uuid.uuid4()
+    relay = OutboxRelay(pool, nc, schema, poll_interval=3600.0, min_pass_interval=60.0)
+
+    async def unpublished() -> int:
+        async with pool.acquire() as conn:
+            return await conn.fetchval("SELECT count(*) FROM outbox_unpublished")
+
+    relay.start()
+    try:
+        await asyncio.sleep(0.3)  # the first pass found nothing: the next turn is a minute away
+        async with tenant_transaction(pool, org) as conn:
+            await add_events(conn, schema, [_event(org, 1)])  # (wakes the relay, not urgently)
+        await asyncio.sleep(0.5)
+        assert await unpublished() == 1  # waiting for the turn
+        async with tenant_transaction(pool, org) as conn:
+            await add_events(conn, schema, [_event(org, 2)])
+        outbox_committed(schema, urgent=True)
+
+        async def none_left() -> bool:
+            return await unpublished() == 0
+
+        await _wait_for(none_left, timeout=10.0)
+    finally:
+        await relay.stop()
+    assert len(await _stream_messages(js, f"vge.evt.{org}.>")) == 2
+
+
 async def test_a_transaction_that_commits_late_is_published_first_and_never_skipped(pool, schema, nc,
                                                                                    monkeypatch):
     """The relay keeps a position, not a mark per row: an event written by a transaction that
@@ -533,7 +565,7 @@ async def test_a_failing_after_commit_callback_never_fails_the_committed_transac
 
 def test_a_relay_whose_loop_has_closed_is_forgotten_not_raised(schema):
     class LeftOver:  # a relay never stopped, its event loop gone: waking it raises
-        def wake(self) -> None:
+        def wake(self, *, urgent: bool = False) -> None:
             raise RuntimeError("Event loop is closed")
 
     libs.outbox._relays[schema] = {LeftOver()}

@@ -144,11 +144,13 @@ class ScanningStore:
 
     async def publish_occupancy_changes(self, limit: int = OCCUPANCY_LIMIT) -> int:
         """Queue one ``occupancy.changed`` per event whose occupancy changed (coalesced), for at
-        most ``limit`` events; returns how many."""
+        most ``limit`` events; returns how many. The relay publishes them at once, not at its next
+        turn (up to 50 ms later, ``OutboxRelay``'s ``min_pass_interval``): dashboards wait for
+        them, and they come a few a second per event, not one per scan."""
         async with self._pool.acquire(timeout=2.0) as conn:
             queued = await conn.fetchval("SELECT publish_occupancy_changes($1)", limit)
         if queued:
-            outbox_committed(SCHEMA)
+            outbox_committed(SCHEMA, urgent=True)
         return queued
 
     # -- the ticket registry (fed by payments' events) --------------------------------------------

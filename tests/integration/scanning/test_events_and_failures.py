@@ -141,6 +141,24 @@ async def test_the_occupancy_publisher_asks_postgresql_only_after_an_admission(s
     assert calls and max(calls) >= 1
 
 
+async def test_an_admissions_occupancy_changed_does_not_wait_for_the_relays_turn(scanning, seed, nc,
+                                                                                  monkeypatch):
+    """Dashboards wait for occupancy.changed (within ~100 ms): its wake-up of the relay is
+    urgent, not for the relay's next turn (``min_pass_interval``, a minute here)."""
+    v = await seed(tickets=1)
+    monkeypatch.setattr(scanning.relay, "_min_pass_interval", 60.0)
+    try:
+        await asyncio.sleep(0.3)  # (a pass under way ends, and the next turn is a minute away)
+        assert (await v.scan(v.tickets[0])).result == "accepted"
+        changed = await _events(nc.jetstream(), f"vge.evt.{v.org}.scanning.occupancy.changed", expect=1,
+                                timeout=15.0)
+        assert [e.data["inside"] for e in changed] == [1]
+    finally:
+        # the relay is the session's: no later test may find it waiting for a turn a minute away
+        monkeypatch.undo()
+        scanning.relay.wake(urgent=True)
+
+
 async def test_a_change_another_replica_left_unpublished_is_published_by_the_sweep(scanning, seed, nc):
     v = await seed(tickets=1)
     # as if a replica committed an admission and died before its publisher's next tick: the
