@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_scan.py --devices 64 --seconds 10 --rate 1000 --offline 10000
     .venv/bin/python bench/bench_scan.py --offline-repeats 0.3   # 3,000 of the upload scan a ticket again
     .venv/bin/python bench/bench_scan.py --offline-gates 500     # gates scan online during the upload
+    .venv/bin/python bench/bench_scan.py --beside audit          # the audit service records every event
 
 Phases: (1) flat out with N concurrent devices; (2) a fixed rate (open loop: latency includes
 queueing), with how soon each admission showed in the event's ``occupancy.changed`` after its
@@ -37,7 +38,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import asyncpg
 import httpx
@@ -55,12 +56,14 @@ from libs.jetstream import ensure_streams  # noqa: E402
 from libs.log import configure_logging  # noqa: E402
 from libs.service_process import ServiceProcess, all_healthy, stop_all  # noqa: E402
 from libs.settings import Settings, nats_servers  # noqa: E402
+from libs.subjects import EVENTS_STREAM  # noqa: E402
 from loadgen import (  # noqa: E402
     OnReply, PresignedContexts, ReplyInbox, bench_servers, percentile, run, send_at_fixed_rate, service_env,
     settle_heap,
 )
 
 SCAN_SUBJECT = "vge.cmd.scanning.scan"
+BESIDE = {"audit": "audit"}  # a service --beside the scanning service: its durable consumer
 
 
 def report(name: str, latencies: list[float], elapsed: float, accepted: int, rejected: int, errors: int) -> None:
@@ -171,8 +174,8 @@ def cpu_by_program() -> dict[str, tuple[float, float]]:
             waited = 0.0  # ended meanwhile, or a kernel without schedstat: its CPU still counts
         if int(pid) == os.getpid():
             name = "load generator"
-        elif b"services.scanning" in argv:
-            name = "scanning service"
+        elif any(a.startswith(b"services.") for a in argv):  # python -m services.<name>
+            name = next(a for a in argv if a.startswith(b"services.")).decode().split(".")[1] + " service"
         else:
             # ("postgres: vge_scanning ...", "redis-server 127.0.0.1:6379": titles they set)
             name = argv[0].decode(errors="replace").split(":")[0].split(" ")[0].rpartition("/")[2]
@@ -263,8 +266,9 @@ async def double_admissions(dsn: str, org: uuid.UUID) -> int:
         await conn.close()
 
 
-async def settle(dsn: str, limit: float = 30.0) -> None:
-    """Wait until the service has published every event of the phase before (at most
+async def settle(dsn: str, limit: float = 30.0, js: Any = None, durables: Sequence[str] = ()) -> None:
+    """Wait until the service has published every event of the phase before, and the
+    ``durables`` (consumers of the services run ``--beside`` it) have taken them (at most
     ``limit`` s), so a phase is measured on a settled system, not on one still working off the
     last phase's backlog; prints what it waited for."""
     conn = await asyncpg.connect(dsn)
@@ -274,11 +278,16 @@ async def settle(dsn: str, limit: float = 30.0) -> None:
         while True:
             backlog = await conn.fetchval("SELECT count(*) FROM scanning.outbox_unpublished")
             first = backlog if first is None else first
-            if backlog == 0 or time.perf_counter() - t0 > limit:
+            untaken = 0
+            for durable in durables:
+                info = await js.consumer_info(EVENTS_STREAM, durable)
+                untaken += info.num_pending + info.num_ack_pending
+            if backlog == untaken == 0 or time.perf_counter() - t0 > limit:
                 break
             await asyncio.sleep(0.1)
         print(f"settled: {first:,} events were still unpublished; waited {time.perf_counter() - t0:.1f}s"
-              + ("" if backlog == 0 else f" ({backlog:,} left)"), flush=True)
+              + ("" if backlog == 0 else f" ({backlog:,} left)")
+              + (f" ({untaken:,} not yet taken by {', '.join(durables)})" if untaken else ""), flush=True)
     finally:
         await conn.close()
 
@@ -372,6 +381,9 @@ async def main() -> None:
                     help="scans/s made online at other gates while the offline batch is decided")
     ap.add_argument("--duplicates", type=float, default=0.1, help="share of scans re-scanning a ticket")
     ap.add_argument("--replicas", type=int, default=1, help="scanning service processes")
+    ap.add_argument("--beside", action="append", default=[], choices=sorted(BESIDE),
+                    help="also run this service as in production (repeatable): audit records "
+                         "every event, in transactions of its own, which the outbox relay waits for")
     ap.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--presign", action=argparse.BooleanOptionalAction, default=True,
                     help="sign the commands' contexts before each phase (see PresignedContexts)")
@@ -386,6 +398,7 @@ async def main() -> None:
         private, public = generate_key_pair()
         env = service_env(urls, public)
         services = [ServiceProcess("scanning", env) for _ in range(args.replicas)]
+        beside: list[ServiceProcess] = []
         try:
             await all_healthy(services)
             service = services[0]
@@ -400,6 +413,13 @@ async def main() -> None:
                         + int(args.offline_gates * 10))  # (an upload takes a few seconds at most)
             print(f"seeding {expected:,} tickets ...", flush=True)
             codes = await seed(js, org, event_id, expected, urls["database_url"])
+            if args.beside:
+                # started once the tickets are in the registry: they take the seed's events first
+                beside = [ServiceProcess(name, env) for name in args.beside]
+                await all_healthy(beside)
+                print(f"{', '.join(args.beside)} beside it, taking the seed's events ...", flush=True)
+            durables = [BESIDE[name] for name in args.beside]
+            await settle(urls["database_url"], 300.0, js, durables)
             devices = [Actor(user_id=f"bench-{n}", organization_id=org, role=None, type=ActorType.DEVICE)
                        for n in range(args.devices)]
             cursor = iter(codes)
@@ -471,7 +491,7 @@ async def main() -> None:
             print(await service_figures(service.port), flush=True)
 
             # phase 2: fixed rate, open loop
-            await settle(urls["database_url"])
+            await settle(urls["database_url"], js=js, durables=durables)
             lat2: list[float] = []
             tally2 = {"accepted": 0, "rejected": 0, "errors": 0}
             dashboards = DashboardFreshness(nc, org, event_id)
@@ -493,7 +513,7 @@ async def main() -> None:
             print(await dashboards.stop(), flush=True)
 
             # phase 3: one offline batch
-            await settle(urls["database_url"])
+            await settle(urls["database_url"], js=js, durables=durables)
             # --offline-repeats: that share of the batch scans a ticket of the batch again, later,
             # at another gate (a conflict, decided by the authority's ordered part)
             repeats = int(args.offline * args.offline_repeats)
@@ -568,7 +588,7 @@ async def main() -> None:
                   flush=True)
             await nc.close()
         finally:
-            stop_all(services, 20)
+            stop_all(services + beside, 20)
 
 
 if __name__ == "__main__":
