@@ -7,10 +7,10 @@
     .venv/bin/python bench/bench_scan.py --beside audit          # the audit service records every event
 
 Phases: (1) flat out with N concurrent devices; (2) a fixed rate (open loop: latency includes
-queueing), with how soon each admission showed in the event's ``occupancy.changed`` after its
-answer (``dashboards:``); (3) one offline batch. Phases 2 and 3 start once the service has published the
-events of the phase before (it prints how many were still waiting and how long that took), so
-each is measured on a settled system, not on one still working off an overload. Prints
+queueing); (3) one offline batch. Phases 1 and 2 print how soon each admission showed in the
+event's ``occupancy.changed`` after its answer (``dashboards:``). Phases 2 and 3 start once
+the service has published the events of the phase before (it prints how many were still
+waiting and how long that took), so each is measured on a settled system, not on one still working off an overload. Prints
 throughput, p50/p95/p99, accepted/rejected counts and the number of double admissions found in
 the database (must be 0). The scanning service runs as its own process, as in production;
 servers come from VGE_*_URL or are started locally. After phases 1 and 2 it prints where the
@@ -467,7 +467,9 @@ async def main() -> None:
             # phase 1: flat out, closed loop: each device sends its next scan when its reply comes
             lat: list[float] = []
             tally = {"accepted": 0, "rejected": 0, "errors": 0}
-            record = tallying(lat, tally)
+            dashboards = DashboardFreshness(nc, org, event_id)
+            await dashboards.start(urls["database_url"])
+            record = tallying(lat, tally, dashboards.admitted)
             stop_at = time.perf_counter() + args.seconds
 
             def device(dev: Actor) -> OnReply:
@@ -489,6 +491,7 @@ async def main() -> None:
             report(f"flat out, {args.devices} devices", lat, flat_out_seconds, **tally)
             print(cpu_report(cpu, time.perf_counter() - t0, sum(tally.values())), flush=True)
             print(await service_figures(service.port), flush=True)
+            print(await dashboards.stop(), flush=True)
 
             # phase 2: fixed rate, open loop
             await settle(urls["database_url"], js=js, durables=durables)
