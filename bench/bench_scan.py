@@ -8,18 +8,18 @@
 
 Phases: (1) flat out with N concurrent devices; (2) a fixed rate (open loop: latency includes
 queueing); (3) one offline batch. Phases 1 and 2 print how soon each admission showed in the
-event's ``occupancy.changed`` after its answer (``dashboards:``). Phases 2 and 3 start once
-the service has published the events of the phase before (it prints how many were still
-waiting and how long that took), so each is measured on a settled system, not on one still working off an overload. Prints
-throughput, p50/p95/p99, accepted/rejected counts and the number of double admissions found in
-the database (must be 0). The scanning service runs as its own process, as in production;
-servers come from VGE_*_URL or are started locally. After phases 1 and 2 it prints where the
-machine's cores went (the service, postgres, nats-server, redis-server, this load generator),
-how long the service and postgres waited for a core and the CPU they spent per scan, and how
-often the service's event loop stalled: all share this machine's two cores. It times a fixed
-loop before and after (``host speed``), and the same small work right after a short sleep
-against back to back (``wake_penalty``): this VM's speed varies by the hour, and the figures
-move with it.
+event's ``occupancy.changed`` after its answer (``dashboards:``). Phases 2 and 3 start once the
+service has published the events of the phase before (it prints how many were still waiting and
+how long that took), so each is measured on a settled system, not on one still working off an
+overload. Prints throughput, p50/p95/p99, accepted/rejected counts and the number of double
+admissions found in the database (must be 0). The scanning service runs as its own process, as
+in production; servers come from VGE_*_URL or are started locally. After phases 1 and 2 it
+prints where the machine's cores went (the service, postgres, nats-server, redis-server, this
+load generator), how long the service and postgres waited for a core and the CPU they spent per
+scan, and how often the service's event loop stalled: all share this machine's two cores. It
+times a fixed loop before and after (``host speed``), and the same small work right after a
+short sleep against back to back (``wake_penalty``): this VM's speed varies by the hour, and the
+figures move with it.
 """
 
 from __future__ import annotations
