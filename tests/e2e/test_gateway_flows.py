@@ -44,7 +44,7 @@ async def test_device_scans_and_dashboard_sees_occupancy_within_a_second(tenant,
         seen_at = asyncio.get_running_loop().time()
         change = await _next_sse(lines, 5)
         assert change["inside"] == 1 and change["entries"] == 1
-        # the dashboard hears of it within ~1 s (generous: the tick is 100 ms)
+        # the dashboard hears of it within ~1 s (generous: the tick is 50 ms)
         assert asyncio.get_running_loop().time() - seen_at < 1.5
 
     again = await tenant.post("/v1/scans", {"event_id": event["event_id"], "ticket_code": codes[0]},
