@@ -455,3 +455,45 @@ async def test_a_failed_part_fails_the_upload_and_no_further_part_starts():
     await asyncio.sleep(0.05)
     assert len(authority.parts) <= 3 < 8
     assert len(handed) == len(authority.parts) - 1
+
+
+async def test_an_uploads_tier2_claims_are_written_once_its_parts_are_decided():
+    """An upload's admissions go to tier 1 as each part is decided, and to Redis after the last
+    part, in the background: 10,000 claims written beside the parts took the event loop from
+    them."""
+    from libs.actor import Actor, ActorType
+    from libs.context import CommandContext
+    from libs.contracts.scanning import SyncOfflineScans
+    from services.scanning.handlers import AccessControl
+
+    parts_decided = 0
+    writes: list[tuple[int, list[str]]] = []  # (parts decided by then, codes written)
+
+    class Store:
+        async def decide_upload(self, org, now, items, decided):
+            nonlocal parts_decided
+            for part in (items[:2], items[2:]):
+                await asyncio.sleep(0.05)  # each part a round trip, far longer than the linger
+                decided(part, [{"i": s["i"], "scan_id": uuid.uuid4(), "result": "accepted", "reason": None,
+                                "ticket_type": "GA", "first_at": s["scanned_at"], "first_gate": s["gate"],
+                                "conflict": False, "replayed": False, "reentry": False, "swap": False}
+                               for s in part])
+                parts_decided += 1
+
+    class Claims:
+        async def claim(self, fresh, moved):
+            writes.append((parts_decided, sorted(code for _, code, _ in [*fresh, *moved])))
+
+    access = AccessControl(store=Store(), claims=Claims(), tier2_linger=0.001)  # type: ignore[arg-type]
+    ctx = CommandContext(
+        actor=Actor(user_id="device-9", organization_id=ORG, role=None, type=ActorType.DEVICE),
+        org_id=ORG, subject="vge.cmd.scanning.sync", expires_at=datetime.now(UTC) + timedelta(seconds=30),
+        correlation_id="c")
+    upload = SyncOfflineScans(scans=[
+        OfflineScan(event_id=EVENT, ticket_code=f"TKT-{n}", gate="East", nonce=f"n{n}",
+                    scanned_at=NOW + timedelta(seconds=n)) for n in range(4)])
+    synced = await access.sync(ctx, upload)
+    assert [r.result for r in synced.results] == ["accepted"] * 4
+    assert all(access.cache.get(ORG, f"TKT-{n}") is not None for n in range(4))  # tier 1 at once
+    await access.drain()
+    assert writes == [(2, ["TKT-0", "TKT-1", "TKT-2", "TKT-3"])]  # one write, after both parts
