@@ -294,8 +294,8 @@ async def settle(dsn: str, limit: float = 30.0, js: Any = None, durables: Sequen
 
 class DashboardFreshness:
     """How soon each admission of a phase showed on the dashboards: the time from its answer to
-    the first ``occupancy.changed`` whose ``entries`` count it (design §5: a dashboard sees the
-    latest value within ~100 ms). The k-th admission answered counts as the k-th admitted, which
+    the first ``occupancy.changed`` whose ``entries`` count it (the scanning issue, #3: a
+    dashboard sees the latest value within ~100 ms). The k-th admission answered counts as the k-th admitted, which
     holds but for batches answered out of their commit order (a few ms apart)."""
 
     def __init__(self, nc: nats.NATS, org: uuid.UUID, event_id: uuid.UUID) -> None:
@@ -413,13 +413,13 @@ async def main() -> None:
                         + int(args.offline_gates * 10))  # (an upload takes a few seconds at most)
             print(f"seeding {expected:,} tickets ...", flush=True)
             codes = await seed(js, org, event_id, expected, urls["database_url"])
+            durables = [BESIDE[name] for name in args.beside]
             if args.beside:
                 # started once the tickets are in the registry: they take the seed's events first
                 beside = [ServiceProcess(name, env) for name in args.beside]
                 await all_healthy(beside)
                 print(f"{', '.join(args.beside)} beside it, taking the seed's events ...", flush=True)
-            durables = [BESIDE[name] for name in args.beside]
-            await settle(urls["database_url"], 300.0, js, durables)
+                await settle(urls["database_url"], 300.0, js, durables)
             devices = [Actor(user_id=f"bench-{n}", organization_id=org, role=None, type=ActorType.DEVICE)
                        for n in range(args.devices)]
             cursor = iter(codes)
