@@ -10,6 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import redis.asyncio as aioredis
+
+from services.scanning.domain import claim_key, decode_admission
 
 
 def _scan(v, code, at, *, nonce=None, gate="A", direction="entry", device_result="accepted"):
@@ -238,3 +241,33 @@ async def test_an_upload_does_not_hold_back_the_events_of_scans_decided_meanwhil
     late = [scan_id for scan_id in meanwhile if published.get(scan_id, float("inf")) > ended]
     assert not late, (f"{len(late)} of {len(meanwhile)} events of scans answered meanwhile "
                       f"were published after the {span:.2f}-s upload")
+
+
+async def test_an_uploads_admissions_reach_redis_and_a_moved_one_is_overwritten(venue_factory, redis_url):
+    """Tier 2 (Redis) hears of an upload's admissions once its parts are decided (the handler
+    hands them over after the last part): new ones claimed, one the upload moved to an earlier
+    offline scan overwritten. The unit test fakes Redis; this is the real one."""
+    v = await venue_factory(tickets=3)
+    moved, fresh, unscanned = v.tickets
+    r = aioredis.from_url(redis_url, decode_responses=True)
+
+    async def known(code: str, gate: str) -> bool:
+        admission = decode_admission(await r.get(claim_key(v.org, code)))
+        return admission is not None and admission.first_gate == gate
+
+    async def until(code: str, gate: str) -> None:
+        async with asyncio.timeout(10):
+            while not await known(code, gate):
+                await asyncio.sleep(0.05)
+
+    try:
+        assert (await v.scan(moved, gate="Online")).result == "accepted"
+        await until(moved, "Online")
+        t0 = datetime.now(UTC) - timedelta(minutes=30)  # before the online admission
+        results = await v.sync([_scan(v, moved, t0, gate="North"), _scan(v, fresh, t0, gate="North")])
+        assert [res["result"] for res in results] == ["accepted", "accepted"]
+        await until(moved, "North")
+        await until(fresh, "North")
+        assert await r.get(claim_key(v.org, unscanned)) is None
+    finally:
+        await r.aclose()
