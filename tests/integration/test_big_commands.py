@@ -77,7 +77,8 @@ async def test_a_command_received_during_a_big_ones_parse_is_served_before_it(
                                   correlation_id=f"big-{name}")
 
         # sent in this order on one connection, so the service receives the upload first
-        uploaded, pong = await asyncio.gather(send("upload", Upload(items=items)), send("ping", Ping(text="hi")))
+        uploaded, pong = await asyncio.gather(send("upload", Upload(items=items)),
+                                              send("ping", Ping(text="hi")))
     finally:
         await router.stop()
     assert pong == {"text": "hi"}

@@ -104,7 +104,8 @@ async def test_a_big_command_parsed_in_slices_is_the_one_a_single_parse_gives():
     assert turns >= 2_000 // 250  # the loop ran other work between the slices
     # a small command is parsed in one go, and gives the same too
     small = json.dumps(_upload(3)).encode()
-    assert await SyncOfflineScans.parse_in_slices(small, slice_size=250) == SyncOfflineScans.model_validate_json(small)
+    one_go = SyncOfflineScans.model_validate_json(small)
+    assert await SyncOfflineScans.parse_in_slices(small, slice_size=250) == one_go
 
 
 async def test_a_big_command_refused_in_slices_gets_the_error_a_single_parse_gives():
@@ -149,7 +150,8 @@ async def test_a_big_reply_written_in_slices_is_the_json_a_single_dump_gives():
         after: str
 
     listed = Listed(before=1, results=decided, after="x")
-    assert json.loads(await listed.dump_json_in_slices(slice_size=250)) == json.loads(listed.model_dump_json())
+    written = await listed.dump_json_in_slices(slice_size=250)
+    assert json.loads(written) == json.loads(listed.model_dump_json())
     assert await OfflineScansSynced(results=decided[:3]).dump_json_in_slices(slice_size=250) == \
         OfflineScansSynced(results=decided[:3]).model_dump_json().encode()
 
@@ -188,5 +190,6 @@ async def test_a_list_is_parsed_in_one_go_where_slices_could_differ():
             seen.append(type(data["items"][0]))
             return data
 
-    assert len((await Raw.parse_in_slices(json.dumps({"items": [{"n": 1}] * 300}), slice_size=250)).items) == 300
+    parsed = await Raw.parse_in_slices(json.dumps({"items": [{"n": 1}] * 300}), slice_size=250)
+    assert len(parsed.items) == 300
     assert seen == [dict]
