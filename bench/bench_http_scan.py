@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_http_scan.py --devices 64 --seconds 10 --rate 500 --rate-seconds 10
     .venv/bin/python bench/bench_http_scan.py --client httpx       # httpx.AsyncClient as the client
     .venv/bin/python bench/bench_http_scan.py --profile /tmp/prof  # py-spy the services (flat out)
+    .venv/bin/python bench/bench_http_scan.py --seconds 0 --rate 0 --upload 10000   # the upload alone
     PYTHONPATH=/tmp/speedups .venv/bin/python bench/bench_http_scan.py --uvloop   # with httptools,
         # uvloop installed there (pip install --target /tmp/speedups httptools uvloop)
 
@@ -14,9 +15,11 @@ tenant is made with the operator command (``create_tenant``), and N gate devices
 and enrolled through the HTTP API. Every device then scans with its own device token.
 
 Phases: (1) flat out, every device one scan at a time; (2) a fixed rate (open loop: latency
-includes queueing). Each prints throughput, p50/p95/p99, accepted/rejected counts, errors by HTTP
-status, and where the CPU went (seconds per process group: on a small machine client, gateway,
-scanning and the servers share the cores). At the end: double admissions found in the database
+includes queueing); (3) one device uploads an offline batch (``POST /v1/scans/batch``) while
+the others scan at ``--upload-gates``/s, and the gates' answers meanwhile are timed. Phases 1-2
+print throughput, p50/p95/p99, accepted/rejected counts, errors by HTTP status, and where the
+CPU went (seconds per process group: on a small machine client, gateway, scanning and the
+servers share the cores). At the end: double admissions found in the database
 (must be 0) and the accepted entries the database holds against those the client saw.
 
 The default client is a minimal HTTP/1.1 keep-alive client (a connection per device, as a gate
@@ -37,6 +40,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +113,7 @@ class RawDevice:
     IDLE_SECONDS = 4.0  # below uvicorn's keep-alive timeout (5 s): it closes idle connections
 
     def __init__(self, port: int, token: str, gate: str, connections: int = 1) -> None:
-        self.port, self.gate = port, gate
+        self.port, self.gate, self.token = port, gate, token
         self.head = (f"POST /v1/scans HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
                      f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n").encode()
         self.idle: list[tuple[RawConnection, float]] = []
@@ -155,7 +159,7 @@ class HttpxDevice:
     """The same device on httpx (one pooled client for all devices)."""
 
     def __init__(self, client: httpx.AsyncClient, token: str, gate: str) -> None:
-        self.client, self.gate = client, gate
+        self.client, self.gate, self.token = client, gate, token
         self.headers = {"Authorization": f"Bearer {token}"}
 
     async def scan(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -297,6 +301,10 @@ async def main() -> None:
     ap.add_argument("--uvloop", action="store_true",
                     help="run the services on uvloop (it must be importable, e.g. via PYTHONPATH)")
     ap.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--upload", type=int, default=10_000,
+                    help="phase 3: one device uploads this many offline scans (0: skip) ...")
+    ap.add_argument("--upload-gates", type=float, default=200.0,
+                    help="... while the others scan at this rate, scans/s")
     args = ap.parse_args()
     configure_logging("WARNING", "console")
 
@@ -328,7 +336,8 @@ async def main() -> None:
             await ensure_streams(js)
             org, owner_key = await create_tenant(Settings(database_url=urls["database_url"]), "Bench")
             event_id = uuid.uuid4()
-            tickets = args.tickets or int(args.seconds * 2500 + args.rate * args.rate_seconds) + 1000
+            tickets = args.tickets or int(args.seconds * 2500 + args.rate * args.rate_seconds
+                                          + args.upload + args.upload_gates * 10) + 1000
             print(f"seeding {tickets:,} tickets ...", flush=True)
             codes = await seed(js, org, event_id, tickets, urls["database_url"])
 
@@ -475,6 +484,49 @@ async def main() -> None:
                           flush=True)
                 print(f"  p99 {percentile(lat2, 99) * 1000:.2f} ms at {args.rate:,.0f} scans/s "
                       f"(target: <= 20 ms)", flush=True)
+
+            # phase 3: an offline upload through the gateway while the other gates scan
+            if args.upload:
+                await asyncio.sleep(2.0)  # the events of the phase before
+                uploader, others = devices[0], devices[1:]
+                start = datetime.now(UTC) - timedelta(minutes=30)
+                scans = [{"event_id": str(event_id), "ticket_code": next(cursor), "direction": "entry",
+                          "nonce": uuid.uuid4().hex,
+                          "scanned_at": (start + timedelta(milliseconds=n)).isoformat()}
+                         for n in range(args.upload)]
+                body = json.dumps({"scans": scans}).encode()
+                port = gw_ports[0]
+                head = (f"POST /v1/scans/batch HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+                        f"Authorization: Bearer {uploader.token}\r\n"
+                        "Content-Type: application/json\r\n").encode()
+                connection = await RawConnection.open(port)
+                lat3: list[float] = []
+                tally3: Counter = Counter()
+                gates = asyncio.create_task(at_fixed_rate(
+                    args.upload_gates, int(args.upload_gates * 30),
+                    lambda i, due: scan_one(others[i % len(others)], lat3, tally3, due)))
+                await asyncio.sleep(0.5)
+                before = len(lat3)
+                settle_heap()
+                t0 = time.perf_counter()
+                status, answer = await connection.post(head, body)
+                elapsed = time.perf_counter() - t0
+                during = lat3[before:]
+                gates.cancel()
+                connection.close()
+                if status != 200:
+                    raise RuntimeError(f"the upload was refused: HTTP {status} {answer[:300]!r}")
+                results = json.loads(answer)["results"]
+                print(f"offline upload over HTTP: {len(scans):,} scans in {elapsed:.2f}s, "
+                      f"accepted {sum(r['result'] == 'accepted' for r in results)}", flush=True)
+                if during:
+                    print(f"gates meanwhile ({args.upload_gates:,.0f}/s): {len(during)} scans | answer "
+                          f"p50 {percentile(during, 50) * 1000:.2f} ms  "
+                          f"p99 {percentile(during, 99) * 1000:.2f} ms  max {max(during) * 1000:.1f} ms",
+                          flush=True)
+                totals["accepted"] += sum(r["result"] == "accepted" for r in results)
+                await asyncio.sleep(1.0)  # the gates' scans still in flight
+                totals.update(tally3)
 
             # the database's word
             dsn = urls["database_url"]
