@@ -24,7 +24,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ValidationError
 
 from libs.actor import Actor
-from libs.contracts import Command, Reply
+from libs.contracts import Command, dump_json_in_slices
 from libs.context import CONTEXT_HEADER, CommandContext, ContextSigner, ContextVerifier
 from libs.errors import (
     Conflict,
@@ -216,9 +216,7 @@ class CommandRouter:
                     ) from exc
                 with bound_correlation(ctx.correlation_id, actor=ctx.actor.user_id, org_id=ctx.org_id):
                     result = await route.handler(ctx, request)
-                body = (await result.dump_json_in_slices() if isinstance(result, Reply)
-                        else result.model_dump_json().encode())
-                await self._reply(msg, body, "ok", correlation_id)
+                await self._reply(msg, await dump_json_in_slices(result), "ok", correlation_id)
                 self._handled[msg.subject].inc()
             except DomainError as exc:
                 log.info("command_refused", code=exc.code.value, detail=exc.detail)
@@ -290,7 +288,24 @@ class CommandClient:
     ) -> dict[str, Any]:
         """Send one command and return the reply's JSON; raises ``DomainError`` on an error reply
         and ``Unavailable`` when no replica answers in time."""
-        payload = body.model_dump_json().encode() if isinstance(body, BaseModel) else json.dumps(body).encode()
+        return json.loads(await self.request_json(subject, body, actor=actor, org_id=org_id,
+                                                  correlation_id=correlation_id, timeout=timeout))
+
+    async def request_json(
+        self,
+        subject: str,
+        body: BaseModel | dict[str, Any],
+        *,
+        actor: Actor,
+        org_id: Any,
+        correlation_id: str,
+        timeout: float | None = None,
+    ) -> bytes:
+        """``request``, the reply's JSON as it came: for a caller that passes a big reply on
+        (an offline upload's 10,000 results) without reading it. A big command is written a
+        slice at a time (``dump_json_in_slices``)."""
+        payload = (await dump_json_in_slices(body) if isinstance(body, BaseModel)
+                   else json.dumps(body).encode())
         try:
             reply = await self._nc.request(
                 subject,
@@ -301,9 +316,8 @@ class CommandClient:
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError, TimeoutError) as exc:
             raise Unavailable(f"{subject} did not answer in time") from exc
-        data = json.loads(reply.data)
         if (reply.headers or {}).get(STATUS_HEADER) == "error":
-            err = ErrorReply.model_validate(data)
+            err = ErrorReply.model_validate_json(reply.data)
             cls = _ERRORS.get(err.error, DomainError)
             raise cls(err.detail, **err.extra)
-        return data
+        return reply.data

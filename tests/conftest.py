@@ -220,6 +220,34 @@ async def _eventually(check: Callable[[], Awaitable[object]], timeout: float = 1
         await asyncio.sleep(0.05)
 
 
+async def _turns_beside(work: Awaitable[Any]) -> tuple[Any, int]:
+    turns = 0
+    running = True
+
+    async def other() -> None:
+        nonlocal turns
+        while running:
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(other())
+    await asyncio.sleep(0)
+    started = turns
+    try:
+        result = await work
+    finally:
+        running = False
+        await ticker
+    return result, turns - started
+
+
+@pytest.fixture
+def turns_beside() -> Callable[[Awaitable[Any]], Awaitable[tuple[Any, int]]]:
+    """``result, turns = await turns_beside(work)``: ``work``'s result, and how many times another
+    task of the event loop ran while it was awaited (0: it held the loop throughout)."""
+    return _turns_beside
+
+
 @pytest.fixture
 def eventually() -> Callable[..., Awaitable[None]]:
     """``await eventually(check, timeout=15, what="...")``: ask ``await check()`` every 50 ms

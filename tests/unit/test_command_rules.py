@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from datetime import UTC, datetime
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError, model_validator
 
-from libs.contracts import Command, Reply
+from libs.contracts import Command, Reply, dump_json_in_slices
 from libs.contracts.audit import QueryAudit
 from libs.contracts.payments import CreateEvent
 from libs.contracts.scanning import (
@@ -75,31 +74,9 @@ def _upload(n: int) -> dict:
                        "scanned_at": f"2026-12-01T10:{i // 60 % 60:02d}:{i % 60:02d}Z"} for i in range(n)]}
 
 
-async def _counting_turns(work):
-    """``work``'s result and how many times another task ran while it was awaited."""
-    turns = 0
-    running = True
-
-    async def other() -> None:
-        nonlocal turns
-        while running:
-            turns += 1
-            await asyncio.sleep(0)
-
-    ticker = asyncio.create_task(other())
-    await asyncio.sleep(0)
-    started = turns
-    try:
-        result = await work
-    finally:
-        running = False
-        await ticker
-    return result, turns - started
-
-
-async def test_a_big_command_parsed_in_slices_is_the_one_a_single_parse_gives():
+async def test_a_big_command_parsed_in_slices_is_the_one_a_single_parse_gives(turns_beside):
     body = json.dumps(_upload(2_000)).encode()
-    parsed, turns = await _counting_turns(SyncOfflineScans.parse_in_slices(body, slice_size=250))
+    parsed, turns = await turns_beside(SyncOfflineScans.parse_in_slices(body, slice_size=250))
     assert parsed == SyncOfflineScans.model_validate_json(body)
     assert turns >= 2_000 // 250  # the loop ran other work between the slices
     # a small command is parsed in one go, and gives the same too
@@ -133,12 +110,12 @@ async def test_a_big_command_refused_in_slices_gets_the_error_a_single_parse_giv
         assert sliced.value.errors()
 
 
-async def test_a_big_reply_written_in_slices_is_the_json_a_single_dump_gives():
+async def test_a_big_reply_or_command_written_in_slices_is_the_json_a_single_dump_gives(turns_beside):
     decided = [OfflineScanDecision(nonce=f"n-{i}", result=ScanOutcome.ACCEPTED, scan_id=uuid.uuid4(),
                                    ticket_type="GA", first_admitted_at=datetime(2026, 12, 1, 10, tzinfo=UTC),
                                    first_gate="G1") for i in range(1_000)]
     reply = OfflineScansSynced(results=decided)
-    written, turns = await _counting_turns(reply.dump_json_in_slices(slice_size=250))
+    written, turns = await turns_beside(dump_json_in_slices(reply, slice_size=250))
     assert written == reply.model_dump_json().encode()  # the same bytes: the list is its only field
     assert turns >= 1_000 // 250
 
@@ -150,10 +127,14 @@ async def test_a_big_reply_written_in_slices_is_the_json_a_single_dump_gives():
         after: str
 
     listed = Listed(before=1, results=decided, after="x")
-    written = await listed.dump_json_in_slices(slice_size=250)
+    written = await dump_json_in_slices(listed, slice_size=250)
     assert json.loads(written) == json.loads(listed.model_dump_json())
-    assert await OfflineScansSynced(results=decided[:3]).dump_json_in_slices(slice_size=250) == \
+    assert await dump_json_in_slices(OfflineScansSynced(results=decided[:3]), slice_size=250) == \
         OfflineScansSynced(results=decided[:3]).model_dump_json().encode()
+    # a command too (the gateway sends an upload so), its scans now after its other field
+    upload = SyncOfflineScans.model_validate(_upload(1_000))
+    written = await dump_json_in_slices(upload, slice_size=250)
+    assert json.loads(written) == json.loads(upload.model_dump_json())
 
 
 async def test_a_list_is_parsed_in_one_go_where_slices_could_differ():
