@@ -76,9 +76,16 @@ CONSUMER_ACK_PENDING = Gauge(
 LAG_POLL_SECONDS = 2.0
 # JetStream's answer to creating a stream that exists with other settings
 STREAM_EXISTS_WITH_OTHER_SETTINGS = 10058
+# JetStream's answer when fewer servers are online than the replicas asked for: seen in a
+# cluster still forming (a node not yet reported online to the others; once in CI, raising a
+# stream to three replicas right after the cluster started)
+NO_PLACEMENT = 10005
+# how long a stream's placement is asked for again before the answer stands
+PLACEMENT_WAIT_SECONDS = 10.0
 
 
-async def ensure_streams(js: JetStreamContext, *, duplicate_window: float = 120.0, replicas: int = 1) -> None:
+async def ensure_streams(js: JetStreamContext, *, duplicate_window: float = 120.0, replicas: int = 1,
+                         placement_wait: float = PLACEMENT_WAIT_SECONDS) -> None:
     """Create or update ``VGE_EVENTS`` and the dead-letter stream (file storage), each kept on
     ``replicas`` servers of a NATS cluster (3 on deploy/nats/nats-cluster.conf: a published
     event is acknowledged once a majority of them has it, and losing one loses nothing).
@@ -86,7 +93,13 @@ async def ensure_streams(js: JetStreamContext, *, duplicate_window: float = 120.
     A service never lowers a stream's replica count: one started with an older setting (a
     rolling deploy, a restart of an old replica) would otherwise take the redundancy away
     until the next start of a new one. Lowering it is an operator's decision (``nats stream
-    edit``)."""
+    edit``).
+
+    Too few servers online for the replicas (``NO_PLACEMENT``) is asked again for up to
+    ``placement_wait`` seconds: a cluster that has just started reports its nodes online one by
+    one. Then a missing stream is an error (a service cannot run without it), but an existing
+    one that could not be raised is kept as it is, with a warning (``stream_replicas_not_raised``),
+    and raised by a later start: a stream that works does not stop a service from starting."""
     for name, subjects in ((EVENTS_STREAM, EVENTS_SUBJECTS), (DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS)):
         cfg = StreamConfig(
             name=name,
@@ -96,7 +109,7 @@ async def ensure_streams(js: JetStreamContext, *, duplicate_window: float = 120.
             num_replicas=replicas,
         )
         try:
-            await js.add_stream(cfg)
+            await _placed(lambda: js.add_stream(cfg), placement_wait)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != STREAM_EXISTS_WITH_OTHER_SETTINGS:
                 raise
@@ -105,7 +118,27 @@ async def ensure_streams(js: JetStreamContext, *, duplicate_window: float = 120.
             if current > replicas:
                 log.warning("stream_replicas_kept", stream=name, replicas=current, configured=replicas)
                 cfg.num_replicas = current
-            await js.update_stream(cfg)
+            try:
+                await _placed(lambda: js.update_stream(cfg), placement_wait)
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != NO_PLACEMENT:
+                    raise
+                log.warning("stream_replicas_not_raised", stream=name, replicas=current,
+                            configured=cfg.num_replicas, error=exc.description)
+
+
+async def _placed(call: Callable[[], Awaitable[object]], wait: float) -> None:
+    """``call()``, asked again every 0.25 s for up to ``wait`` seconds while JetStream answers
+    that too few servers are online for the stream's replicas."""
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        try:
+            await call()
+            return
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != NO_PLACEMENT or asyncio.get_running_loop().time() >= deadline:
+                raise
+        await asyncio.sleep(0.25)
 
 
 def retry_delay(deliveries: int, backoff: Sequence[float]) -> float:
