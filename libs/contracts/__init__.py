@@ -75,7 +75,8 @@ def _fields_to_check(cls: type[BaseModel]) -> tuple[str, ...]:
 def _listed_models(cls: type[BaseModel]) -> tuple[tuple[str, TypeAdapter[list[Any]]], ...]:
     """The fields of ``cls`` that are lists of models and may be read or written a slice at a
     time, each with an adapter for a slice: none where that could differ from one go (a
-    validator that sees the raw input, a serializer of the model's own, a ``Decimal``)."""
+    validator that sees the raw input, a serializer of the model's own, a ``Decimal``, a field
+    left out of the JSON or named otherwise in it)."""
     decorators = cls.__pydantic_decorators__
     if decorators.model_serializers or not _same_from_python(cls) or any(
         d.info.mode != "after" for d in decorators.model_validators.values()
@@ -86,7 +87,8 @@ def _listed_models(cls: type[BaseModel]) -> tuple[tuple[str, TypeAdapter[list[An
     found = []
     for name, f in cls.model_fields.items():
         (item,) = get_args(f.annotation) if get_origin(f.annotation) is list else (None,)
-        if isinstance(item, type) and issubclass(item, BaseModel) and name not in own:
+        renamed = f.alias or f.validation_alias or f.serialization_alias or f.exclude
+        if isinstance(item, type) and issubclass(item, BaseModel) and name not in own and not renamed:
             found.append((name, TypeAdapter(list[item])))  # type: ignore[valid-type]
     return tuple(found)
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from libs.contracts import Command, Reply, dump_json_in_slices
 from libs.contracts.audit import QueryAudit
@@ -173,3 +173,12 @@ async def test_a_list_is_parsed_in_one_go_where_slices_could_differ():
     parsed = await Raw.parse_in_slices(json.dumps({"items": [{"n": 1}] * 300}), slice_size=250)
     assert len(parsed.items) == 300
     assert seen == [dict]
+
+    class Hidden(Reply):
+        """A reply whose long list stays out of its JSON, and one named otherwise in it."""
+
+        items: list[Item] = Field(exclude=True)
+        named: list[Item] = Field(serialization_alias="Named")
+
+    hidden = Hidden(items=[Item(n=1)] * 300, named=[Item(n=2)] * 300)
+    assert await dump_json_in_slices(hidden, slice_size=250) == hidden.model_dump_json().encode()
