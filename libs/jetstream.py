@@ -80,8 +80,8 @@ STREAM_EXISTS_WITH_OTHER_SETTINGS = 10058
 # cluster still forming (a node not yet reported online to the others; once in CI, raising a
 # stream to three replicas right after the cluster started)
 NO_PLACEMENT = 10005
-# how long a stream's placement is asked for again before the answer stands
-PLACEMENT_WAIT_SECONDS = 10.0
+# how long a stream's creation or update is asked for again before the answer stands
+PLACEMENT_WAIT_SECONDS = 15.0
 
 
 async def ensure_streams(js: JetStreamContext, *, duplicate_window: float = 120.0, replicas: int = 1,
@@ -95,11 +95,14 @@ async def ensure_streams(js: JetStreamContext, *, duplicate_window: float = 120.
     until the next start of a new one. Lowering it is an operator's decision (``nats stream
     edit``).
 
-    Too few servers online for the replicas (``NO_PLACEMENT``) is asked again for up to
-    ``placement_wait`` seconds: a cluster that has just started reports its nodes online one by
-    one. Then a missing stream is an error (a service cannot run without it), but an existing
-    one that could not be raised is kept as it is, with a warning (``stream_replicas_not_raised``),
-    and raised by a later start: a stream that works does not stop a service from starting."""
+    Too few servers online for the replicas (``NO_PLACEMENT``), or no answer at all, is asked
+    again for up to ``placement_wait`` seconds: a cluster that has just started reports its
+    nodes online one by one, and one that has just lost a node elects a new leader (seen in CI:
+    a service started right after the first of three nodes stopped, and JetStream did not
+    answer a request within 5 s, on a busy machine). Then a missing stream is an error (a
+    service cannot run without it), but an existing one that could not be raised is kept as it
+    is, with a warning (``stream_replicas_not_raised``), and raised by a later start: a stream
+    that works does not stop a service from starting."""
     for name, subjects in ((EVENTS_STREAM, EVENTS_SUBJECTS), (DEAD_LETTER_STREAM, DEAD_LETTER_SUBJECTS)):
         cfg = StreamConfig(
             name=name,
@@ -129,7 +132,7 @@ async def ensure_streams(js: JetStreamContext, *, duplicate_window: float = 120.
 
 async def _placed(call: Callable[[], Awaitable[object]], wait: float) -> None:
     """``call()``, asked again every 0.25 s for up to ``wait`` seconds while JetStream answers
-    that too few servers are online for the stream's replicas."""
+    that too few servers are online for the stream's replicas, or does not answer."""
     deadline = asyncio.get_running_loop().time() + wait
     while True:
         try:
@@ -137,6 +140,10 @@ async def _placed(call: Callable[[], Awaitable[object]], wait: float) -> None:
             return
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != NO_PLACEMENT or asyncio.get_running_loop().time() >= deadline:
+                raise
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                nats.js.errors.ServiceUnavailableError):
+            if asyncio.get_running_loop().time() >= deadline:
                 raise
         await asyncio.sleep(0.25)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import nats.errors
 import nats.js.errors
 import pytest
 
@@ -64,6 +65,22 @@ async def test_a_missing_stream_that_cannot_be_placed_stops_the_start():
         await ensure_streams(js, replicas=3, placement_wait=0.3)
     assert refused.value.err_code == NO_PLACEMENT
     assert len(js.calls) > 1 and {kind for kind, _, _ in js.calls} == {"add"}  # asked again first
+
+
+async def test_a_request_jetstream_does_not_answer_is_asked_again():
+    js = JetStream(add=[], update=[])
+    timeouts = [nats.errors.TimeoutError(), nats.js.errors.ServiceUnavailableError()]
+    add = js.add_stream
+
+    async def add_stream(cfg) -> None:  # (a cluster electing its leader answers nothing, then 503)
+        if timeouts:
+            js.calls.append(("add", cfg.name, cfg.num_replicas))
+            raise timeouts.pop(0)
+        await add(cfg)
+
+    js.add_stream = add_stream
+    await ensure_streams(js, replicas=3, placement_wait=5)
+    assert [name for kind, name, _ in js.calls if kind == "add"] == ["VGE_EVENTS"] * 3 + ["VGE_DEAD_LETTERS"]
 
 
 async def test_other_refusals_are_not_asked_again():
