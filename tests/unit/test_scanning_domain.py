@@ -351,9 +351,9 @@ class PartsAuthority:
         self.under_way += 1
         self.most_at_once = max(self.most_at_once, self.under_way)
         try:
-            await asyncio.sleep(0.001)
-            if call == self.fail_at:
+            if call == self.fail_at:  # (at once: the part beside it is still under way)
                 raise RuntimeError("database down")
+            await asyncio.sleep(0.001)
             return [{"i": s["i"], "code": s["code"]} for s in part]
         finally:
             self.under_way -= 1
@@ -450,9 +450,8 @@ async def test_a_failed_part_fails_the_upload_and_no_further_part_starts():
     with pytest.raises(RuntimeError, match="database down"):
         await _store(authority).decide_upload(ORG, NOW, _upload(8 * UPLOAD_PART, tickets=2_000),
                                               lambda part, decisions: handed.append(decisions))
-    # the part under way beside the failed one ends (and is handed over, it committed); none
-    # starts after the failure
-    await asyncio.sleep(0.05)
+    # the part under way beside the failed one ended (and was handed over, it committed) before
+    # the failure was raised; none starts after the failure
     assert len(authority.parts) <= 3 < 8
     assert len(handed) == len(authority.parts) - 1
 

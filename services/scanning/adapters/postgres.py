@@ -82,7 +82,9 @@ class ScanningStore:
 
         Each part commits on its own; if one fails, no further part starts, the device uploads
         again, and the parts already committed are replayed, not applied twice (every scan is
-        idempotent per device and nonce)."""
+        idempotent per device and nonce). A part under way beside the failed one ends, and is
+        handed over, before the failure is raised: nothing of the upload goes on after its
+        answer."""
         parts: list[list[dict[str, Any]]] = [[] for _ in range(-(-len(scans) // UPLOAD_PART))]
         for scan in scans:
             parts[zlib.crc32(scan["code"].encode()) % len(parts)].append(scan)
@@ -99,7 +101,9 @@ class ScanningStore:
                     failed = True
                     raise
 
-        await asyncio.gather(lane(False), lane(True))
+        for outcome in await asyncio.gather(lane(False), lane(True), return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _decide(self, org_id: UUID, now: datetime, scans: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for attempt in range(3):
