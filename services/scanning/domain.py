@@ -2,8 +2,9 @@
 
 The authoritative decision (design §5, tier 3) is made by the database function
 ``decide_scans`` (migrations/0002; its current text is in 0006) so that a batch of concurrent
-scans costs one round trip; what is decided here is only what can be decided without the authority: whether a scan is a
-known duplicate of an admission this replica (tier 1) or the cluster (tier 2) already saw.
+scans costs one round trip; what is decided here is only what can be decided without the
+authority: whether a scan is a known duplicate of an admission this replica (tier 1) or the
+cluster (tier 2) already saw.
 """
 
 from __future__ import annotations
