@@ -57,13 +57,14 @@ from libs.log import configure_logging  # noqa: E402
 from libs.service_process import ServiceProcess, all_healthy, stop_all  # noqa: E402
 from libs.settings import Settings, nats_servers  # noqa: E402
 from libs.subjects import EVENTS_STREAM  # noqa: E402
+from services.audit.bootstrap import DURABLE as AUDIT_DURABLE  # noqa: E402
 from loadgen import (  # noqa: E402
     OnReply, PresignedContexts, ReplyInbox, bench_servers, percentile, run, send_at_fixed_rate, service_env,
     settle_heap,
 )
 
 SCAN_SUBJECT = "vge.cmd.scanning.scan"
-BESIDE = {"audit": "audit"}  # a service --beside the scanning service: its durable consumer
+BESIDE = {"audit": AUDIT_DURABLE}  # a service --beside the scanning service: its durable consumer
 
 
 def report(name: str, latencies: list[float], elapsed: float, accepted: int, rejected: int, errors: int) -> None:
@@ -295,8 +296,9 @@ async def settle(dsn: str, limit: float = 30.0, js: Any = None, durables: Sequen
 class DashboardFreshness:
     """How soon each admission of a phase showed on the dashboards: the time from its answer to
     the first ``occupancy.changed`` whose ``entries`` count it (the scanning issue, #3: a
-    dashboard sees the latest value within ~100 ms). The k-th admission answered counts as the k-th admitted, which
-    holds but for batches answered out of their commit order (a few ms apart)."""
+    dashboard sees the latest value within ~100 ms). The k-th admission answered counts as the
+    k-th admitted, which holds but for batches answered out of their commit order (a few ms
+    apart)."""
 
     def __init__(self, nc: nats.NATS, org: uuid.UUID, event_id: uuid.UUID) -> None:
         self._nc, self._org, self._event_id = nc, org, event_id

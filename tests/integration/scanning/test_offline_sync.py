@@ -236,8 +236,9 @@ async def test_an_upload_does_not_hold_back_the_events_of_scans_decided_meanwhil
     # were published after the upload.)
     span = ended - began
     meanwhile = [str(d.scan_id) for _, at, _, d in calls if began + 0.2 * span <= at <= began + 0.6 * span]
-    assert meanwhile, (f"no gate scan answered between 20% and 60% of a {span:.2f}-s upload "
-                       f"({len(calls)} in all)")
+    # (at least 4, as before this test read another tenant's gates: it sees 144-192 now)
+    assert len(meanwhile) >= 4, (f"{len(meanwhile)} gate scans answered between 20% and 60% of a "
+                                 f"{span:.2f}-s upload ({len(calls)} in all)")
     late = [scan_id for scan_id in meanwhile if published.get(scan_id, float("inf")) > ended]
     assert not late, (f"{len(late)} of {len(meanwhile)} events of scans answered meanwhile "
                       f"were published after the {span:.2f}-s upload")
